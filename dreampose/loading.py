@@ -1,0 +1,196 @@
+"""Building the networks from the files users have, offline, with configs shipped in the package.
+
+Sources accepted:
+* SD 1.x: a diffusers folder (``unet/``, ``vae/``, ``scheduler/``) or one ldm ``.safetensors``/``.ckpt``.
+* CLIP ViT-B/32 vision: a transformers folder or a single file, with ``vision_model.*`` keys
+  (hub/transformers 4 layout, also inside a full CLIP model) or bare ``embeddings.*`` keys
+  (transformers 5). Missing weights are an error: a half-random CLIP would silently draw garbage.
+* DreamPose: the authors' ``unet_epoch_N.pth`` / ``adapter_N.pth`` / ``vae_N.pth``, or our
+  safetensors file (``unet.*``, ``adapter.*``, optional ``vae.*`` keys plus configs in metadata).
+
+Modules are built on the meta device and the weights assigned, so a 860M-parameter UNet is not
+randomly initialised only to be overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from .adapter import EmbeddingAdapter
+from .checkpoints import (modernise_vae_keys, read_metadata, read_state_dict, split_prefix,
+                          strip_module_prefix)
+from .errors import DreamPoseError
+from .unet import unet_config_with_pose
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+CLIP_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
+def shipped_config(name: str) -> dict:
+    """One of the package's configs: ``sd15_unet``, ``sd15_vae``, ``sd15_scheduler``, ``clip_vit_b32_vision``."""
+    with open(os.path.join(CONFIG_DIR, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _clean_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def instantiate(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], what: str,
+                source: str) -> torch.nn.Module:
+    """Build a module without random init and load ``state`` strictly, with a readable error."""
+    with torch.device("meta"):
+        module = build()
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(expected[k].shape)})")
+        raise DreamPoseError(f"{source}: does not fit a {what}: " + "; ".join(parts) +
+                             ". Check that the file is the right model for this input.")
+    module.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in module.buffers()):  # non-persistent buffers: build for real once
+        module = build()
+        module.load_state_dict(state, strict=True)
+    return module.eval().requires_grad_(False)
+
+
+def _folder_weights(folder: str) -> str:
+    for name in WEIGHT_NAMES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise DreamPoseError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
+
+
+def _subfolder(path: str, sub: str) -> str:
+    """``path/sub`` for a diffusers pipeline folder, ``path`` for a component folder."""
+    inner = os.path.join(path, sub)
+    if os.path.isfile(os.path.join(inner, "config.json")):
+        return inner
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    raise DreamPoseError(f"{path}: not a diffusers folder (no {sub}/config.json); give the Stable Diffusion 1.x "
+                         "folder or a single .safetensors checkpoint")
+
+
+def _missing(path: str, what: str) -> None:
+    if not path or not os.path.exists(path):
+        raise DreamPoseError(f"{what} not found: {path!r}")
+
+
+def load_base_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
+    """The SD 1.x UNet (4 input channels) from a diffusers folder or an ldm single file."""
+    _missing(path, "Stable Diffusion 1.x model")
+    if os.path.isdir(path):
+        folder = _subfolder(path, "unet")
+        config = _clean_config(config or read_json(os.path.join(folder, "config.json")))
+        state = read_state_dict(_folder_weights(folder))
+    else:
+        config = _clean_config(config or shipped_config("sd15_unet"))
+        raw = read_state_dict(path, "Stable Diffusion 1.x checkpoint")
+        if not any(k.startswith("model.diffusion_model.") for k in raw):
+            raise DreamPoseError(f"{path}: no 'model.diffusion_model.*' weights; this is not a full Stable "
+                                 "Diffusion 1.x checkpoint (a UNet-only or VAE-only file?)")
+        state = convert_ldm_unet_checkpoint(raw, config)
+    return instantiate(lambda: UNet2DConditionModel.from_config(config), state, "Stable Diffusion 1.x UNet", path)
+
+
+def _is_diffusers_vae(state: dict) -> bool:
+    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state)
+
+
+def load_vae(path: str, config: dict | None = None) -> AutoencoderKL:
+    """SD 1.x VAE from a diffusers folder, an ldm checkpoint/VAE file, or a diffusers-keyed state dict
+    (the authors' ``vae_N.pth``, old attention names accepted)."""
+    _missing(path, "VAE")
+    if os.path.isdir(path):
+        folder = _subfolder(path, "vae")
+        config = _clean_config(config or read_json(os.path.join(folder, "config.json")))
+        state = read_state_dict(_folder_weights(folder))
+    else:
+        config = _clean_config(config or shipped_config("sd15_vae"))
+        raw = strip_module_prefix(read_state_dict(path, "VAE file"))
+        state = raw if _is_diffusers_vae(raw) else convert_ldm_vae_checkpoint(raw, config)
+    state = modernise_vae_keys(state)
+    return instantiate(lambda: AutoencoderKL.from_config(config), state, "Stable Diffusion VAE", path)
+
+
+def normalise_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare CLIP vision keys (``embeddings.*`` …) from either layout; text tower and projection dropped."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        if k.startswith(CLIP_PREFIXES) and not k.endswith("position_ids"):
+            out[k] = v
+    return out
+
+
+def load_clip_vision(path: str, config: dict | None = None) -> CLIPVisionModel:
+    """CLIP vision tower from a folder (``config.json`` + weights) or a single file (ViT-B/32 config)."""
+    _missing(path, "CLIP vision model")
+    if os.path.isdir(path):
+        cfg = config or read_json(os.path.join(path, "config.json"))
+        weights = _folder_weights(path)
+    else:
+        cfg, weights = config or shipped_config("clip_vit_b32_vision"), path
+    if "vision_config" in cfg:  # a full CLIPModel config
+        cfg = cfg["vision_config"]
+    state = normalise_clip_keys(read_state_dict(weights, "CLIP vision weights"))
+    if not state:
+        raise DreamPoseError(f"{weights}: no CLIP vision weights (keys 'vision_model.*' or 'embeddings.*'); "
+                             "give the openai/clip-vit-base-patch32 model")
+    vision_config = CLIPVisionConfig(**_clean_config(cfg))
+    probe = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, image_size=8, patch_size=8))
+    if any(k.startswith("vision_model.") for k in probe.state_dict()):  # transformers 4 layout
+        state = {f"vision_model.{k}": v for k, v in state.items()}
+    return instantiate(lambda: CLIPVisionModel(vision_config), state, "CLIP vision model (ViT-B/32)", weights)
+
+
+def load_adapter_state(state: dict[str, torch.Tensor], source: str) -> EmbeddingAdapter:
+    state = strip_module_prefix(state)
+    if "vae2clip.weight" not in state or "linear1.weight" not in state:
+        raise DreamPoseError(f"{source}: not a DreamPose adapter (expected vae2clip.* and linear1.* weights)")
+    width, features = state["vae2clip.weight"].shape
+    clip_tokens, total = state["linear1.weight"].shape
+    return instantiate(lambda: EmbeddingAdapter(width, clip_tokens, total - clip_tokens, features),
+                       state, "DreamPose embedding adapter", source)
+
+
+def load_authors_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
+    """``unet_epoch_N.pth``: full 14-channel UNet state dict (``module.`` prefix optional)."""
+    state = strip_module_prefix(read_state_dict(path, "DreamPose UNet file"))
+    if "conv_in.weight" not in state:
+        raise DreamPoseError(f"{path}: not a UNet state dict (no conv_in.weight)")
+    cfg = unet_config_with_pose(config or shipped_config("sd15_unet"))
+    return instantiate(lambda: UNet2DConditionModel.from_config(cfg), state, "14-channel DreamPose UNet", path)
+
+
+def load_authors_adapter(path: str) -> EmbeddingAdapter:
+    return load_adapter_state(read_state_dict(path, "DreamPose adapter file"), path)
+
+
+def is_dreampose_file(path: str) -> bool:
+    return read_metadata(path).get("format") == "dreampose"
