@@ -17,12 +17,12 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPVisionModel
 
 from .adapter import EmbeddingAdapter
-from .checkpoints import (atomic_save_safetensors, format_metadata, read_metadata, read_state_dict,
-                          split_prefix)
+from .checkpoints import (atomic_save_safetensors, format_metadata, guess_kind, peek_keys, read_metadata,
+                          read_state_dict, require_file, split_prefix)
 from .conditioning import check_convention
 from .errors import DreamPoseError
 from .loading import (instantiate, load_adapter_state, load_authors_adapter, load_authors_unet,
-                      load_base_unet, load_clip_vision, load_vae, read_json, shipped_config)
+                      load_base_unet, load_clip_vision, load_vae, looks_like, read_config, shipped_config)
 from .sampling import default_scheduler_config
 from .unet import UNET_IN_CHANNELS, expand_conv_in, unet_config_with_pose
 
@@ -57,11 +57,13 @@ class DreamPoseModel:
             raise DreamPoseError("the VAE must have 4 latent channels (the Stable Diffusion 1.x VAE)")
 
     def to(self, device=None, unet_dtype=None, vae_dtype=None, clip_dtype=None) -> "DreamPoseModel":
-        """Move in place (networks are large: no copies) and return self."""
-        self.unet.to(device=device, dtype=unet_dtype)
-        self.adapter.to(device=device, dtype=unet_dtype)
-        self.vae.to(device=device, dtype=vae_dtype)
-        self.clip.to(device=device, dtype=clip_dtype)
+        """Move in place (networks are large: no copies) and return self; ``None`` keeps a dtype.
+
+        Uses ``nn.Module.to`` directly: diffusers' override logs a warning whenever ``dtype=`` is given.
+        """
+        for module, dtype in ((self.unet, unet_dtype), (self.adapter, unet_dtype),
+                              (self.vae, vae_dtype), (self.clip, clip_dtype)):
+            torch.nn.Module.to(module, *(a for a in (device, dtype) if a is not None))
         return self
 
     def shallow_copy(self, **changes) -> "DreamPoseModel":
@@ -101,17 +103,61 @@ def fresh_adapter(clip: CLIPVisionModel, seed: int = 0) -> EmbeddingAdapter:
         return EmbeddingAdapter(cfg.hidden_size, (cfg.image_size // cfg.patch_size) ** 2 + 1).eval()
 
 
-def _authors_adapter_beside(unet_path: str) -> str | None:
+def _authors_epoch(unet_path: str) -> str | None:
     m = _AUTHORS_UNET.match(os.path.basename(unet_path))
-    if not m:
+    return m.group(1) if m else None
+
+
+def _authors_adapter_beside(unet_path: str) -> str | None:
+    epoch = _authors_epoch(unet_path)
+    if epoch is None:
         return None
-    candidate = os.path.join(os.path.dirname(unet_path), f"adapter_{m.group(1)}.pth")
+    candidate = os.path.join(os.path.dirname(unet_path), f"adapter_{epoch}.pth")
     return candidate if os.path.isfile(candidate) else None
+
+
+def _missing_adapter_error(unet_path: str) -> DreamPoseError:
+    epoch = _authors_epoch(unet_path)
+    if epoch is None:
+        return DreamPoseError(
+            f"{unet_path}: not a DreamPose file. Give our .safetensors, or the authors' unet_epoch_N.pth with its "
+            "adapter_N.pth beside it (or the adapter file explicitly)")
+    expected = os.path.join(os.path.dirname(unet_path), f"adapter_{epoch}.pth")
+    return DreamPoseError(f"{unet_path}: the authors' UNet needs its adapter, expected at {expected!r}; put it "
+                          "there or give the adapter file explicitly")
 
 
 def _check_exists(path: str | None, what: str, hint: str) -> None:
     if path and not os.path.exists(path):
         raise DreamPoseError(f"{what} not found: {path!r}. {hint}")
+
+
+# What each input of load_dreampose may be, by guess_kind of its tensor names.
+_ROLE_KINDS = {
+    "DreamPose weights": ("unet",), "DreamPose adapter": ("adapter",), "CLIP vision model": ("clip",),
+    "VAE": ("vae", "sd_checkpoint"), "Stable Diffusion 1.x model": ("sd_checkpoint",),
+}
+
+
+def _check_role(path: str | None, role: str) -> None:
+    """Refuse a file given for the wrong input from its tensor names alone (header/zip index, no weights).
+
+    Folders are checked by their loaders; legacy pickles that cannot be peeked at lazily are too.
+    """
+    if not path or os.path.isdir(path):
+        return
+    keys = peek_keys(path)
+    if keys is None or guess_kind(keys) in _ROLE_KINDS[role]:
+        return
+    raise DreamPoseError(f"{path}: given as the {role}, but it looks like {looks_like(keys)}")
+
+
+def _meta_json(meta: dict, key: str, source: str):
+    """A JSON field of our metadata, or None when absent."""
+    try:
+        return json.loads(meta[key]) if key in meta else None
+    except ValueError as exc:
+        raise DreamPoseError(f"{source}: damaged metadata field {key!r} ({exc})") from exc
 
 
 def load_dreampose_file(path: str, unet_config: dict | None = None):
@@ -120,19 +166,80 @@ def load_dreampose_file(path: str, unet_config: dict | None = None):
     if meta.get("format") != "dreampose":
         raise DreamPoseError(f"{path}: a .safetensors file without DreamPose metadata; for the authors' files "
                              "use unet_epoch_N.pth, or convert them with `python -m dreampose convert`")
+    ucfg = unet_config_with_pose(unet_config or _meta_json(meta, "unet_config", path) or shipped_config("sd15_unet"))
+    vcfg = _meta_json(meta, "vae_config", path) or shipped_config("sd15_vae")
+    vcfg = {k: v for k, v in vcfg.items() if not k.startswith("_")}
     state = read_state_dict(path)
-    ucfg = unet_config_with_pose(unet_config or json.loads(meta.get("unet_config", "null"))
-                                 or shipped_config("sd15_unet"))
     unet = instantiate(lambda: UNet2DConditionModel.from_config(ucfg), split_prefix(state, "unet."),
                        "14-channel DreamPose UNet", path)
     adapter = load_adapter_state(split_prefix(state, "adapter."), path)
-    vae = None
     vae_state = split_prefix(state, "vae.")
-    if vae_state:
-        vcfg = json.loads(meta.get("vae_config", "null")) or shipped_config("sd15_vae")
-        vcfg = {k: v for k, v in vcfg.items() if not k.startswith("_")}
-        vae = instantiate(lambda: AutoencoderKL.from_config(vcfg), vae_state, "Stable Diffusion VAE", path)
+    vae = instantiate(lambda: AutoencoderKL.from_config(vcfg), vae_state, "Stable Diffusion VAE", path) \
+        if vae_state else None
     return unet, adapter, vae, meta
+
+
+def _check_paths(clip, dreampose, base, vae, adapter) -> None:
+    """Every given path exists (and CLIP is given): a typo is reported before anything is read."""
+    if not clip:
+        raise DreamPoseError("no CLIP vision model given: DreamPose needs CLIP ViT-B/32 (models/clip_vision)")
+    _check_exists(clip, "CLIP vision model", "Put CLIP ViT-B/32 in models/clip_vision.")
+    _check_exists(dreampose, "DreamPose weights", "Put them in models/dreampose.")
+    _check_exists(base, "Stable Diffusion 1.x model", "Put it in models/checkpoints or models/diffusers.")
+    _check_exists(vae, "VAE", "Leave it empty to use the base model's VAE.")
+    _check_exists(adapter, "DreamPose adapter", "The authors' adapter_N.pth sits beside unet_epoch_N.pth.")
+    if dreampose and os.path.isdir(dreampose):
+        raise DreamPoseError(f"{dreampose}: is a folder; give the DreamPose weights file inside it "
+                             "(our .safetensors, or the authors' unet_epoch_N.pth)")
+
+
+def _check_ours(path: str, base, vae) -> None:
+    meta = read_metadata(path)
+    if meta.get("format") != "dreampose":
+        raise DreamPoseError(f"{path}: this .safetensors has no DreamPose metadata; it looks like "
+                             f"{looks_like(peek_keys(path))}")
+    if "vae_config" not in meta and not vae and not base:
+        raise DreamPoseError(f"{path} has no VAE: also give the Stable Diffusion 1.x base model or a VAE")
+
+
+def _check_authors(path: str, adapter: str | None, base, vae) -> str:
+    """The authors' UNet file and its adapter (found beside it by epoch number unless given)."""
+    _check_role(path, "DreamPose weights")
+    adapter = adapter or _authors_adapter_beside(path)
+    if not adapter:
+        raise _missing_adapter_error(path)
+    _check_role(adapter, "DreamPose adapter")
+    if not vae and not base:
+        raise DreamPoseError("the authors' UNet file has no VAE: give their vae_N.pth or the Stable Diffusion "
+                             "1.x base model")
+    return adapter
+
+
+def _resolve(clip, dreampose, base, vae, adapter, convention) -> tuple[bool, str | None]:
+    """Step 1 of load_dreampose: every path exists and fits its role, or a DreamPoseError naming it.
+
+    Reads headers only (safetensors JSON, the index of a zip pickle), so a wrong file costs
+    milliseconds instead of loading the other models first. Returns (our format?, adapter path).
+    """
+    _check_paths(clip, dreampose, base, vae, adapter)
+    if convention is not None:
+        check_convention(convention)
+    ours = bool(dreampose) and dreampose.lower().endswith((".safetensors", ".sft"))
+    if ours:
+        _check_ours(dreampose, base, vae)
+    elif dreampose:
+        adapter = _check_authors(dreampose, adapter, base, vae)
+    elif not base:
+        raise DreamPoseError("give DreamPose weights, or a Stable Diffusion 1.x base model to build a fresh one")
+    _check_role(clip, "CLIP vision model")
+    _check_role(vae, "VAE")
+    _check_role(base, "Stable Diffusion 1.x model")
+    return ours, adapter
+
+
+def _base_scheduler_config(base: str | None) -> dict | None:
+    path = os.path.join(base, "scheduler", "scheduler_config.json") if base and os.path.isdir(base) else None
+    return read_config(path) if path and os.path.isfile(path) else None
 
 
 def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None = None, vae: str | None = None,
@@ -144,44 +251,17 @@ def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None 
     is found beside it unless ``adapter`` is given); ``None`` builds a fresh model from ``base``.
     ``vae``: a VAE file/folder (e.g. the authors' ``vae_N.pth``); otherwise the DreamPose file's own
     VAE, otherwise ``base``'s. ``convention``: ``None`` takes the checkpoint's (authors' → official).
+    Scheduler: the one saved in our file, else ``base``'s ``scheduler/``, else SD 1.x's PNDM.
     """
-    # 1. resolve and check every path before any weights are read
-    _check_exists(clip, "CLIP vision model", "Put CLIP ViT-B/32 in models/clip_vision.")
-    _check_exists(dreampose, "DreamPose weights", "Put them in models/dreampose.")
-    _check_exists(base, "Stable Diffusion 1.x model", "Put it in models/checkpoints or models/diffusers.")
-    _check_exists(vae, "VAE", "Leave it empty to use the base model's VAE.")
-    _check_exists(adapter, "DreamPose adapter", "The authors' adapter_N.pth sits beside unet_epoch_N.pth.")
-    if convention is not None:
-        check_convention(convention)
-    ours = bool(dreampose) and dreampose.lower().endswith((".safetensors", ".sft"))
-    if ours:
-        meta = read_metadata(dreampose)
-        if meta.get("format") != "dreampose":
-            raise DreamPoseError(f"{dreampose}: this .safetensors has no DreamPose metadata. It may be a Stable "
-                                 "Diffusion checkpoint (give it as the base model) or a file from another tool")
-        if "vae_config" not in meta and not vae and not base:
-            raise DreamPoseError(f"{dreampose} has no VAE: also give the Stable Diffusion 1.x base model or a VAE")
-    elif dreampose:
-        adapter = adapter or _authors_adapter_beside(dreampose)
-        if not adapter:
-            raise DreamPoseError(f"{dreampose}: the authors' UNet needs its adapter_N.pth (same N) in the same "
-                                 "folder, or give the adapter file explicitly")
-        if not vae and not base:
-            raise DreamPoseError("the authors' UNet file has no VAE: give their vae_N.pth or the Stable Diffusion "
-                                 "1.x base model")
-    elif not base:
-        raise DreamPoseError("give DreamPose weights, or a Stable Diffusion 1.x base model to build a fresh one")
-
-    # 2. load
+    ours, adapter = _resolve(clip, dreampose, base, vae, adapter, convention)
     info = {"dreampose": dreampose, "base": base, "clip": clip, "vae": vae, "adapter": adapter}
     clip_model = load_clip_vision(clip, clip_config)
-    file_vae = None
-    scheduler_config = default_scheduler_config()
+    file_vae, file_scheduler = None, None
     if ours:
         unet, ad, file_vae, meta = load_dreampose_file(dreampose, unet_config)
         conv = convention or meta.get("convention", "standard")
-        scheduler_config = json.loads(meta.get("scheduler_config", "null")) or scheduler_config
-        info.update({k: meta[k] for k in ("finetuned", "base_model", "subject") if k in meta})
+        file_scheduler = _meta_json(meta, "scheduler_config", dreampose)
+        info.update({k: meta[k] for k in ("finetuned", "base_model", "subject", "source") if k in meta})
     elif dreampose:
         unet = load_authors_unet(dreampose, unet_config)
         ad = load_authors_adapter(adapter)
@@ -190,14 +270,12 @@ def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None 
         unet = expand_conv_in(load_base_unet(base, unet_config))
         ad = fresh_adapter(clip_model)
         conv = convention or "standard"
+    check_convention(conv)
     if vae:
         vae_model = load_vae(vae, vae_config)
-    elif file_vae is not None:
-        vae_model = file_vae
     else:
-        vae_model = load_vae(base, vae_config)
-    if base and os.path.isdir(base) and os.path.isfile(os.path.join(base, "scheduler", "scheduler_config.json")):
-        scheduler_config = read_json(os.path.join(base, "scheduler", "scheduler_config.json"))
+        vae_model = file_vae if file_vae is not None else load_vae(base, vae_config)
+    scheduler_config = file_scheduler or _base_scheduler_config(base) or default_scheduler_config()
     model = DreamPoseModel(unet, ad, vae_model, clip_model, conv, scheduler_config, info)
     model.check_compatible()
     return model
@@ -207,9 +285,12 @@ def convert_authors_checkpoint(unet_path: str, out_path: str, adapter_path: str 
                                vae_path: str | None = None, unet_config: dict | None = None,
                                vae_config: dict | None = None) -> str:
     """Authors' ``unet_epoch_N.pth`` (+ ``adapter_N.pth``, optional ``vae_N.pth``) → our safetensors."""
+    require_file(unet_path, "The authors' UNet file (unet_epoch_N.pth)")
+    _check_exists(adapter_path, "DreamPose adapter", "The authors' adapter_N.pth sits beside unet_epoch_N.pth.")
+    _check_exists(vae_path, "VAE", "Leave it empty to convert without a VAE.")
     adapter_path = adapter_path or _authors_adapter_beside(unet_path)
     if not adapter_path:
-        raise DreamPoseError(f"{unet_path}: no adapter_N.pth beside it; pass the adapter file")
+        raise _missing_adapter_error(unet_path)
     unet = load_authors_unet(unet_path, unet_config)
     ad = load_authors_adapter(adapter_path)
     vae = load_vae(vae_path, vae_config) if vae_path else None

@@ -1,0 +1,25 @@
+"""ComfyUI-DreamPose: DreamPose (Karras et al., ICCV 2023) for ComfyUI, as V3 nodes.
+
+ComfyUI imports this package, then calls ``comfy_entrypoint``. Importing registers the
+``models/dreampose`` folder and nothing else: no downloads, no checks for weights. Outside
+ComfyUI (pytest collects the repository root as a package) importing does nothing at all.
+"""
+import importlib.util
+
+if importlib.util.find_spec("comfy_api") is not None:
+    from .nodes.folders import register_model_folders
+
+    register_model_folders()  # before the first /object_info, so the loader lists models/dreampose
+
+
+async def comfy_entrypoint():
+    """The extension ComfyUI asks for: it lists our nodes (V3 API; no NODE_CLASS_MAPPINGS)."""
+    from comfy_api.latest import ComfyExtension
+
+    from .nodes import NODES
+
+    class DreamPoseExtension(ComfyExtension):
+        async def get_node_list(self):
+            return list(NODES)
+
+    return DreamPoseExtension()

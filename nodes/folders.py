@@ -1,0 +1,169 @@
+"""Model folders: registering ``models/dreampose`` and turning combo entries back into paths.
+
+Combo entries are names relative to one of ComfyUI's search folders, so a workflow saved on one
+machine loads on another. Folder-shaped models (a diffusers SD folder, a transformers CLIP folder)
+are listed as the folder, never as the files inside it, so each model appears once.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import folder_paths
+
+from ..dreampose.errors import DreamPoseError
+
+DREAMPOSE = "dreampose"
+NONE_WEIGHTS = "none (fresh from base)"
+NONE_BASE = "none"
+VAE_FROM_WEIGHTS = "from weights or base"
+DREAMPOSE_TAG = " [dreampose]"   # marks a models/dreampose file in the VAE list (cf. ComfyUI's "name [output]")
+
+# The authors' companion files load together with unet_epoch_N.pth; alone they are not a model.
+_COMPANION = re.compile(r"^(adapter|vae)_\d+\.(pth|pt|bin|safetensors)$", re.IGNORECASE)
+_AUTHORS_UNET = re.compile(r"^unet_epoch_\d+\.", re.IGNORECASE)
+
+
+def register_model_folders() -> None:
+    """Add ``models/dreampose`` to what ``extra_model_paths.yaml`` may already have declared.
+
+    The yaml is applied before packs load and creates the entry with an empty extension set (which
+    lists every file), so the entry is extended, never replaced.
+    """
+    default = os.path.join(folder_paths.models_dir, DREAMPOSE)
+    entry = folder_paths.folder_names_and_paths.get(DREAMPOSE)
+    if entry is None:
+        folder_paths.folder_names_and_paths[DREAMPOSE] = ([default], set(folder_paths.supported_pt_extensions))
+        return
+    paths, extensions = entry
+    if default not in paths:
+        paths.append(default)
+    if not isinstance(extensions, set) or not set(folder_paths.supported_pt_extensions) <= extensions:
+        folder_paths.folder_names_and_paths[DREAMPOSE] = (paths, set(extensions) | folder_paths.supported_pt_extensions)
+
+
+def _files(folder: str) -> list[str]:
+    try:
+        return folder_paths.get_filename_list(folder)
+    except KeyError:  # a host without this folder type
+        return []
+
+
+def _search_paths(folder: str) -> list[str]:
+    try:
+        return folder_paths.get_folder_paths(folder)
+    except KeyError:
+        return []
+
+
+def _model_dirs(folder: str, is_model_dir) -> list[str]:
+    """Sub-folders of ``folder``'s search paths that ``is_model_dir`` accepts (not descended into)."""
+    found = set()
+    for root in _search_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for here, subdirs, _ in os.walk(root, followlinks=True):
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            if here != root and is_model_dir(here):
+                found.add(os.path.relpath(here, root).replace(os.sep, "/"))
+                subdirs[:] = []
+    return sorted(found)
+
+
+def _is_diffusers_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json")) or \
+        os.path.isfile(os.path.join(path, "unet", "config.json"))
+
+
+def _is_config_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _inside(name: str, dirs: list[str]) -> bool:
+    return any(name.replace(os.sep, "/").startswith(d + "/") for d in dirs)
+
+
+def dreampose_weight_options() -> list[str]:
+    names = [n for n in _files(DREAMPOSE) if not _COMPANION.match(os.path.basename(n))]
+    return names + [NONE_WEIGHTS]
+
+
+def base_model_options() -> list[str]:
+    return [NONE_BASE] + _files("checkpoints") + _model_dirs("diffusers", _is_diffusers_dir)
+
+
+def clip_vision_options() -> list[str]:
+    dirs = _model_dirs("clip_vision", _is_config_dir)
+    files = [n for n in _files("clip_vision") if not _inside(n, dirs)]
+    return sorted(files + dirs)
+
+
+def vae_options() -> list[str]:
+    ours = [n + DREAMPOSE_TAG for n in _files(DREAMPOSE)
+            if "vae" in os.path.basename(n).lower() and not _AUTHORS_UNET.match(os.path.basename(n))]
+    return [VAE_FROM_WEIGHTS] + _files("vae") + ours
+
+
+def _find_dir(folder: str, name: str, is_model_dir) -> str | None:
+    for root in _search_paths(folder):
+        root = os.path.abspath(root)
+        path = os.path.normpath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) == root and path != root and os.path.isdir(path) and is_model_dir(path):
+            return path
+    return None
+
+
+def _not_found(what: str, name: str, folder: str) -> DreamPoseError:
+    where = ", ".join(_search_paths(folder)) or f"models/{folder}"
+    return DreamPoseError(f"{what} {name!r} not found in {where}; refresh the node list (R) or put it there")
+
+
+def resolve_dreampose_weights(name: str) -> str | None:
+    if name == NONE_WEIGHTS:
+        return None
+    path = folder_paths.get_full_path(DREAMPOSE, name)
+    if path is None:
+        raise _not_found("DreamPose weights", name, DREAMPOSE)
+    return path
+
+
+def resolve_base_model(name: str) -> str | None:
+    if name == NONE_BASE:
+        return None
+    path = folder_paths.get_full_path("checkpoints", name) or _find_dir("diffusers", name, _is_diffusers_dir)
+    if path is None:
+        raise _not_found("Stable Diffusion 1.x model", name, "checkpoints")
+    return path
+
+
+def resolve_clip_vision(name: str) -> str:
+    path = _find_dir("clip_vision", name, _is_config_dir) or folder_paths.get_full_path("clip_vision", name)
+    if path is None:
+        raise _not_found("CLIP vision model", name, "clip_vision")
+    return path
+
+
+def resolve_vae(name: str) -> str | None:
+    if name == VAE_FROM_WEIGHTS:
+        return None
+    if name.endswith(DREAMPOSE_TAG):
+        stripped = name[:-len(DREAMPOSE_TAG)]
+        path = folder_paths.get_full_path(DREAMPOSE, stripped)
+        folder = DREAMPOSE
+    else:
+        stripped, folder = name, "vae"
+        path = folder_paths.get_full_path("vae", name)
+    if path is None:
+        raise _not_found("VAE", stripped, folder)
+    return path
+
+
+def resolve_folder(path: str) -> str:
+    """A user-typed folder: quotes and ``~`` handled, relative paths taken from ComfyUI's input folder."""
+    path = os.path.expanduser(path.strip().strip('"').strip("'"))
+    if not path:
+        raise DreamPoseError("no folder given: type the folder of frame_N_densepose.npy files (absolute, or "
+                             "relative to ComfyUI's input folder)")
+    if not os.path.isabs(path):
+        path = os.path.join(folder_paths.get_input_directory(), path)
+    return os.path.normpath(path)

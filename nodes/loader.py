@@ -1,0 +1,97 @@
+"""LoadDreamPose: the model bundle from ComfyUI's model folders."""
+from __future__ import annotations
+
+import os
+
+import comfy.model_management as mm
+from comfy_api.latest import io
+
+from ..dreampose.conditioning import CONVENTIONS
+from ..dreampose.model import load_dreampose
+from . import folders
+from . import device as dev
+from .types import DreamPoseModelType
+
+
+class LoadDreamPose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoadDreamPose",
+            display_name="Load DreamPose",
+            category="DreamPose/loaders",
+            description=(
+                "Loads DreamPose: the 14-channel UNet and the CLIP-VAE adapter (the authors' unet_epoch_N.pth with "
+                "its adapter_N.pth beside it, or a DreamPose .safetensors), the VAE and CLIP ViT-B/32 vision. "
+                "Nothing is downloaded. The model waits on the offload device between runs."),
+            inputs=[
+                io.Combo.Input(
+                    "dreampose_weights", options=folders.dreampose_weight_options(),
+                    tooltip="DreamPose weights from models/dreampose: the authors' unet_epoch_N.pth (adapter_N.pth must "
+                            "sit beside it) or a DreamPose .safetensors. 'none (fresh from base)' builds an untrained "
+                            "DreamPose from the base model, to finetune."),
+                io.Combo.Input(
+                    "base_model", options=folders.base_model_options(),
+                    tooltip="Stable Diffusion 1.x (models/checkpoints file or models/diffusers folder). Needed when the "
+                            "weights carry no VAE (the authors' files) and for 'none (fresh from base)'; the VAE comes "
+                            "from it unless 'vae' says otherwise."),
+                io.Combo.Input(
+                    "clip_vision", options=folders.clip_vision_options(),
+                    tooltip="CLIP ViT-B/32 vision (openai/clip-vit-base-patch32) from models/clip_vision: a single "
+                            ".safetensors or a folder with config.json. Other CLIP sizes do not fit the adapter."),
+                io.Combo.Input(
+                    "vae", options=folders.vae_options(),
+                    tooltip="VAE override: a models/vae file, or a VAE from models/dreampose (e.g. the authors' "
+                            "finetuned vae_N.pth). 'from weights or base' takes the weights file's VAE, else the base "
+                            "model's."),
+                io.Combo.Input(
+                    "dtype", options=list(dev.UNET_DTYPE_CHOICES), default="auto",
+                    tooltip="Precision of the UNet, adapter and CLIP. auto: fp16, else bf16, else fp32, as ComfyUI "
+                            "judges the device (the --fp16-unet style flags win)."),
+                io.Combo.Input(
+                    "vae_dtype", options=list(dev.VAE_DTYPE_CHOICES), default="auto",
+                    tooltip="Precision of the VAE. auto: bf16 where supported, else fp32; never fp16, where the SD VAE "
+                            "can overflow to black frames."),
+                io.Combo.Input(
+                    "convention", options=["auto", *CONVENTIONS], default="auto",
+                    tooltip="How the key frame is fed to the VAE branch. auto: what the checkpoint says (the authors' "
+                            "files: official). official = the authors' inference math; standard = our training math. "
+                            "Use the convention the weights were trained with."),
+            ],
+            outputs=[DreamPoseModelType.Output(
+                display_name="model",
+                tooltip="The DreamPose model (UNet, adapter, VAE, CLIP vision, convention).")],
+        )
+
+    @classmethod
+    def execute(cls, dreampose_weights: str, base_model: str, clip_vision: str, vae: str, dtype: str,
+                vae_dtype: str, convention: str) -> io.NodeOutput:
+        model = load_dreampose(
+            clip=folders.resolve_clip_vision(clip_vision),
+            dreampose=folders.resolve_dreampose_weights(dreampose_weights),
+            base=folders.resolve_base_model(base_model),
+            vae=folders.resolve_vae(vae),
+            convention=None if convention == "auto" else convention)
+        device = mm.get_torch_device()
+        unet_dt = dev.unet_dtype(dtype, device, dev.param_count(model.unet))
+        vae_dt = dev.vae_dtype(vae_dtype, device)
+        offload = mm.unet_offload_device()
+        for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, unet_dt)):
+            dev.place(module, offload, dt)
+        model.info.update(unet_dtype=dev.dtype_name(unet_dt), vae_dtype=dev.dtype_name(vae_dt),
+                          clip_dtype=dev.dtype_name(unet_dt))
+        return io.NodeOutput(model)
+
+    @classmethod
+    def fingerprint_inputs(cls, dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention):
+        """Reload when a chosen file is replaced under the same name."""
+        stamps = []
+        for resolve, name in ((folders.resolve_dreampose_weights, dreampose_weights),
+                              (folders.resolve_base_model, base_model), (folders.resolve_clip_vision, clip_vision),
+                              (folders.resolve_vae, vae)):
+            try:
+                path = resolve(name)
+                stamps.append(os.path.getmtime(path) if path else None)
+            except (ValueError, OSError):
+                stamps.append(name)  # execute reports the problem
+        return (dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention, *stamps)

@@ -1,0 +1,100 @@
+"""Pose nodes: DensePose UV files → UV sequence → 5-frame windows at the output size."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from ..dreampose.errors import DreamPoseError
+from ..dreampose.poses import check_output_size, list_uv_files, load_uv_folder, make_pose_windows
+from . import folders
+from .types import DreamPosePoseType, require_uv
+
+MAX_SIZE = 4096
+
+
+class DreamPoseLoadUV(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DreamPoseLoadUV",
+            display_name="DreamPose Load DensePose UV",
+            category="DreamPose/poses",
+            description=(
+                "Loads a folder of DensePose UV frames in the authors' layout (frame_N_densepose.npy, each a "
+                "(2, H, W) U/V array), in numeric frame order. Files are read without unpickling."),
+            inputs=[
+                io.String.Input("folder", default="",
+                                tooltip="Folder of frame_N_densepose.npy files: an absolute path, or relative to "
+                                        "ComfyUI's input folder."),
+                io.Int.Input("start", default=0, min=0, max=1_000_000,
+                             tooltip="Skip this many frames from the start of the sequence."),
+                io.Int.Input("count", default=0, min=0, max=1_000_000,
+                             tooltip="Load at most this many frames; 0 loads all the rest."),
+            ],
+            outputs=[DreamPosePoseType.Output(
+                display_name="uv", tooltip="The UV sequence [frames, 2, H, W]; connect it to DensePoseWindow5.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder: str | None = None) -> bool | str:
+        """Fail at queue time, before any model loads, when the folder is wrong."""
+        if folder is None:  # linked from another node: checked when it runs
+            return True
+        try:
+            list_uv_files(folders.resolve_folder(folder))
+        except DreamPoseError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, folder: str, start: int, count: int) -> io.NodeOutput:
+        return io.NodeOutput(load_uv_folder(folders.resolve_folder(folder), start, count))
+
+    @classmethod
+    def fingerprint_inputs(cls, folder, start, count):
+        """Reload when frames in the folder are added, removed or rewritten."""
+        try:
+            files = list_uv_files(folders.resolve_folder(folder))
+            return (folder, start, count, tuple((f, os.path.getmtime(f)) for f in files))
+        except (DreamPoseError, OSError):
+            return (folder, start, count)
+
+
+class DensePoseWindow5(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DensePoseWindow5",
+            display_name="DreamPose Pose Windows (5 frames)",
+            category="DreamPose/poses",
+            description=(
+                "Sets the output size and prepares the pose condition: every frame is guided by the poses of frames "
+                "i-2..i+2 (10 channels); at the sequence edges the missing neighbours repeat the centre pose."),
+            inputs=[
+                DreamPosePoseType.Input("uv", tooltip="The UV sequence from DreamPose Load DensePose UV."),
+                io.Int.Input("width", default=512, min=64, max=MAX_SIZE, step=64,
+                             tooltip="Output width in pixels, a multiple of 64 (DreamPose was trained at 512×640)."),
+                io.Int.Input("height", default=640, min=64, max=MAX_SIZE, step=64,
+                             tooltip="Output height in pixels, a multiple of 64."),
+            ],
+            outputs=[DreamPosePoseType.Output(
+                display_name="poses", tooltip="Pose windows at the output size, for DualCFGSampler.")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, width: int | None = None, height: int | None = None) -> bool | str:
+        """Sizes are checked at queue time (naming them here turns off ComfyUI's own min/max check)."""
+        # a linked side arrives as None and is checked when the node runs
+        width, height = 64 if width is None else width, 64 if height is None else height
+        if width > MAX_SIZE or height > MAX_SIZE:
+            return f"output size {width}×{height} (W×H) is larger than {MAX_SIZE}×{MAX_SIZE}"
+        try:
+            check_output_size(height, width)
+        except DreamPoseError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
+    def execute(cls, uv, width: int, height: int) -> io.NodeOutput:
+        return io.NodeOutput(make_pose_windows(require_uv(uv), height=height, width=width))

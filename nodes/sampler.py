@@ -1,0 +1,108 @@
+"""DualCFGSampler: every pose frame denoised with dual image/pose guidance, then decoded."""
+from __future__ import annotations
+
+import math
+
+import torch
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import io
+
+from ..dreampose.conditioning import VAE_SCALE, ImageCondition
+from ..dreampose.errors import DreamPoseError
+from ..dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample
+from . import device as dev
+from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_windows
+
+
+def check_cond(model, cond) -> ImageCondition:
+    """A condition made by a model of another width or convention would sample garbage: say so now."""
+    if not isinstance(cond, ImageCondition):
+        raise DreamPoseError(f"expected a DreamPose condition from CLIPVAEAdapterEncode, got {type(cond).__name__}")
+    width = model.unet.config.cross_attention_dim
+    if cond.cond.shape[-1] != width:
+        raise DreamPoseError(f"the condition has width {cond.cond.shape[-1]} but this UNet attends to width {width}: "
+                             "encode the key frame with the same DreamPose model")
+    if cond.convention != model.convention:
+        raise DreamPoseError(f"the condition was encoded in the {cond.convention!r} convention but the model runs "
+                             f"{model.convention!r}: encode the key frame with the same model")
+    return cond
+
+
+class DualCFGSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualCFGSampler",
+            display_name="DreamPose Dual-CFG Sampler",
+            category="DreamPose/sampling",
+            description=(
+                "Generates one frame per pose with DreamPose's dual classifier-free guidance "
+                "(eps = eps(0,0) + s_image·(eps(I,0) - eps(0,0)) + s_pose·(eps(I,P) - eps(I,0))), the three branches "
+                "in one UNet call, then decodes with the model's VAE. Cancel stops within one step."),
+            inputs=[
+                DreamPoseModelType.Input("model", tooltip="The DreamPose model from Load DreamPose."),
+                DreamPoseCondType.Input("cond", tooltip="The subject's condition from CLIPVAEAdapterEncode (same model)."),
+                DreamPosePoseType.Input("poses", tooltip="Pose windows from DensePoseWindow5; they set the frame "
+                                                         "count and the output size."),
+                io.Float.Input("s_image", default=8.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Image guidance s_I: how strongly frames follow the subject photo (paper: 8)."),
+                io.Float.Input("s_pose", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Pose guidance s_p: how strongly frames follow the pose (paper: 3)."),
+                io.Int.Input("steps", default=100, min=1, max=1000,
+                             tooltip="Denoising steps (the authors used 100 with pndm; dpmpp_2m/unipc need fewer)."),
+                io.Combo.Input("sampler", options=list(SAMPLERS), default="pndm",
+                               tooltip="Scheduler on the SD 1.x noise schedule; pndm is the authors'."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the start noise (CPU generator: the same seed gives the same video on "
+                                     "any device)."),
+                io.Int.Input("frames_per_batch", default=4, min=1, max=64,
+                             tooltip="Frames denoised together in one UNet call (×3 for the guidance branches). "
+                                     "Higher is faster, needs more VRAM; results do not change."),
+                io.Combo.Input("start", options=list(START_MODES), default="official",
+                               tooltip="official: start from the key frame's latent noised to the first step, one "
+                                       "noise shared by all frames (the authors'; steadier video). noise: pure noise."),
+                io.Combo.Input("stretch", options=list(STRETCH_MODES), default="none",
+                               tooltip="Contrast stretch of the decoded frames. none (default); per_frame: the "
+                                       "authors' min-max per frame (flickers); sequence: one min-max for the clip."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="frames",
+                                tooltip="The video frames, an IMAGE batch [frames, H, W, 3] in 0..1."),
+                io.Latent.Output(display_name="latent",
+                                 tooltip="The frame latents before decoding, in ComfyUI's convention (unscaled SD 1.x "
+                                         "VAE latents, so core VAE Decode with an SD 1.x VAE reads them)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, cond, poses, s_image: float, s_pose: float, steps: int, sampler: str, seed: int,
+                frames_per_batch: int, start: str, stretch: str) -> io.NodeOutput:
+        windows = require_windows(poses)
+        cond = check_cond(model, cond)
+        unet_dt, vae_dt, _ = dev.model_dtypes(model)
+        decode_batches = math.ceil(len(windows) / frames_per_batch)
+        pbar = comfy.utils.ProgressBar(1)
+        sampling_total = [0]
+
+        def on_step(done: int, total: int, _latents) -> None:
+            sampling_total[0] = total
+            pbar.update_absolute(done, total + decode_batches)
+            mm.throw_exception_if_processing_interrupted()  # also where no progress hook checks it
+
+        def on_decode(done: int, total: int) -> None:
+            pbar.update_absolute(sampling_total[0] + math.ceil(done / frames_per_batch),
+                                 sampling_total[0] + decode_batches)
+            mm.throw_exception_if_processing_interrupted()
+
+        batch = 3 * min(frames_per_batch, len(windows))
+        extra = dev.working_memory(batch, windows.height, windows.width, unet_dt)
+        with dev.borrowed([(model.unet, unet_dt), (model.vae, vae_dt)], extra):
+            latents = sample(model.unet, model.vae, cond, windows, steps=steps, sampler=sampler, s_image=s_image,
+                             s_pose=s_pose, generator=torch.Generator("cpu").manual_seed(seed), start=start,
+                             frames_per_batch=frames_per_batch, scheduler_config=model.scheduler_config,
+                             callback=on_step)
+            frames = decode_latents(model.vae, latents, batch_size=frames_per_batch, stretch=stretch,
+                                    callback=on_decode)
+        out = mm.intermediate_device()
+        return io.NodeOutput(frames.to(out), {"samples": (latents.float() / VAE_SCALE).to(out)})

