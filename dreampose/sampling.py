@@ -57,6 +57,7 @@ class SampleStats:
     unet_calls: int = 0
     frames: int = 0
     unet_batch: int = 0
+    init_latents: torch.Tensor | None = None  # the x_T the run started from (to save and replay it)
 
 
 def _randn(shape, generator, device):
@@ -120,6 +121,8 @@ def sample(unet, vae, cond: ImageCondition, poses: PoseWindows, *, steps: int = 
                               start=start, generator=generator, device=device)
     else:
         x_all = check_latents(latents, poses).to(device)
+    if stats is not None:
+        stats.init_latents = x_all
     cond_dev = cond.to(device)
     out = torch.empty_like(x_all)
     steps_total = len(scheduler.timesteps) * -(-total // frames_per_batch)

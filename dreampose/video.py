@@ -1,0 +1,92 @@
+"""Writing generated frames to disk: numbered PNGs and an MP4 (OpenCV, ``mp4v``).
+
+Frames come in as ComfyUI's IMAGE layout ``[F,H,W,3]``, float 0..1 (or uint8), RGB. OpenCV wants
+BGR, so channels are swapped exactly once, here. The MP4 is written under a temporary name in the
+destination folder and renamed when complete, so a crash never leaves a truncated video behind
+under the final name.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+import cv2
+import numpy as np
+import torch
+
+from .errors import DreamPoseError
+
+FRAME_PATTERN = "frame_{:04d}.png"
+
+
+def to_uint8(frames) -> np.ndarray:
+    """``[F,H,W,3]`` float 0..1 or uint8 (torch or numpy) → contiguous uint8 numpy, RGB."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        frames = frames.numpy() if frames.dtype == torch.uint8 else frames.float().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise DreamPoseError(f"frames must be [F,H,W,3] RGB, got shape {tuple(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise DreamPoseError("no frames to write")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    if not np.isfinite(frames).all():
+        raise DreamPoseError("frames contain NaN or infinite values (a precision problem? try --dtype fp32)")
+    return np.ascontiguousarray((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
+
+
+def save_png_frames(frames, folder: str, pattern: str = FRAME_PATTERN, start: int = 0) -> list[str]:
+    """One PNG per frame, ``frame_0000.png`` …; returns the paths."""
+    video = to_uint8(frames)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(video):
+        path = os.path.join(folder, pattern.format(start + i))
+        if not cv2.imwrite(path, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
+            raise DreamPoseError(f"could not write {path}")
+        paths.append(path)
+    return paths
+
+
+def write_mp4(frames, path: str, fps: float = 30.0) -> str:
+    """Encode frames as MPEG-4 part 2 (``mp4v``, playable without extra codecs); atomic rename."""
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise DreamPoseError(f"fps must be a positive number, got {fps!r}")
+    video = to_uint8(frames)
+    _, height, width, _ = video.shape
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=folder)  # the suffix picks the container
+    os.close(fd)
+    writer = None
+    try:
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+        if not writer.isOpened():
+            raise DreamPoseError(f"OpenCV could not open an mp4v video writer for {path} "
+                                 "(this OpenCV build may lack the MPEG-4 encoder)")
+        for frame in video:
+            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        writer.release()
+        writer = None
+        if os.path.getsize(tmp) == 0:
+            raise DreamPoseError(f"OpenCV wrote an empty video for {path}")
+        os.replace(tmp, path)
+    except BaseException:
+        if writer is not None:
+            writer.release()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreampose.mp4") -> tuple[list[str], str]:
+    """PNG frames and the MP4 in ``folder``; returns (png paths, mp4 path)."""
+    video = to_uint8(frames)
+    pngs = save_png_frames(video, folder)
+    mp4 = write_mp4(video, os.path.join(folder, video_name), fps)
+    return pngs, mp4
