@@ -285,3 +285,134 @@ def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32
     }
     result.update(memory)
     return result
+
+
+# ----------------------------------------------------------------------------------------------- finetuning
+
+FINETUNE_MODES = ("full", "full+checkpointing", "lora", "vae")
+
+
+def _rss_reset() -> int | None:
+    """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs`` 5); current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _finetune_memory_start(device: torch.device) -> dict:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"kind": "cuda", "before": torch.cuda.memory_allocated(device)}
+    before = _rss_reset()
+    return {"kind": "rss" if before is not None else "getrusage", "before": before}
+
+
+def _finetune_memory_end(device: torch.device, start: dict) -> dict:
+    if start["kind"] == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_memory_mib": round(peak / 2**20, 1),
+                "extra_memory_mib": round((peak - start["before"]) / 2**20, 1),
+                "peak_memory_kind": "cuda max_memory_allocated during the run (model already on the GPU included); "
+                                    "extra = peak − allocated before"}
+    if start["kind"] == "rss":
+        peak = _proc_status("VmHWM")
+        return {"peak_memory_mib": round(peak / 2**20, 1),
+                "extra_memory_mib": round((peak - start["before"]) / 2**20, 1),
+                "peak_memory_kind": "process peak RSS during this mode (Linux VmHWM, reset before it); "
+                                    "extra = peak − RSS before the mode"}
+    mem = _peak_memory(device)
+    return {"peak_memory_mib": mem["peak_memory_mib"], "extra_memory_mib": None,
+            "peak_memory_kind": mem["peak_memory_kind"] + " (cannot be reset: monotonic over the modes)"}
+
+
+def benchmark_finetune(model, *, device: torch.device, height: int = 256, width: int = 256, steps: int = 6,
+                       lora_rank: int = 4, batch_size: int = 1, precision: str = "fp32", seed: int = 0,
+                       modes=FINETUNE_MODES, log=None) -> dict:
+    """Seconds per optimizer step and peak memory of each finetune mode on a synthetic subject.
+
+    ``seconds_per_step`` is the median step after the first (the first also clones the networks and
+    encodes the photo's condition: reported as ``first_step_seconds``).
+    """
+    from . import finetune as ft
+    from .subject import lora_delta_of
+
+    check_output_size(height, width)
+    if steps < 2:
+        raise DreamPoseError("the finetune benchmark needs at least 2 steps (the first one is set-up)")
+    unknown = [m for m in modes if m not in FINETUNE_MODES]
+    if unknown:
+        raise DreamPoseError(f"unknown finetune modes {unknown}; choose from {FINETUNE_MODES}")
+    say = log or (lambda msg: None)
+    place_model(model, device, torch.float32)
+    photo = synthetic_key_frame().float().unsqueeze(0) / 255
+    uv = synthetic_uv_sequence(1, 640, 512)
+    results = {}
+    for mode in modes:
+        if mode == "lora":
+            try:
+                ft._require_peft()
+            except DreamPoseError as exc:
+                results[mode] = {"skipped": str(exc)}
+                continue
+        say(f"finetune mode {mode}")
+        common = dict(steps=steps, lr=1e-5, seed=seed, height=height, width=width, batch_size=batch_size,
+                      precision=precision)
+        stamps = []
+
+        def tick(step, total, loss):
+            synchronize(device)
+            stamps.append((time.perf_counter(), loss))
+
+        start = _finetune_memory_start(device)
+        t0 = time.perf_counter()
+        if mode == "vae":
+            settings = ft.vae_settings(**common)
+            new = ft.finetune_vae_decoder(model, photo, settings, device=device, callback=tick)
+            trainable = sum(p.numel() for p in new.vae.decoder.parameters())
+        else:
+            settings = ft.FinetuneSettings(**common, gradient_checkpointing=mode == "full+checkpointing",
+                                           lora_rank=lora_rank if mode == "lora" else 0)
+            new = ft.finetune_subject(model, photo, uv, settings, device=device, callback=tick)
+            adapter = sum(p.numel() for p in new.adapter.parameters())
+            if mode == "lora":
+                delta = lora_delta_of(new)
+                trainable = adapter + sum(a.numel() + b.numel() for a, b in delta.factors.values())
+            else:
+                trainable = adapter + sum(p.numel() for p in new.unet.parameters())
+        memory = _finetune_memory_end(device, start)
+        intervals = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+        results[mode] = {"seconds_per_step": statistics.median(intervals),
+                         "seconds_per_step_all": intervals, "first_step_seconds": stamps[0][0] - t0,
+                         "trainable_parameters": trainable, "first_loss": stamps[0][1], "last_loss": stamps[-1][1],
+                         **({"lora_rank": lora_rank} if mode == "lora" else {}), **memory}
+        del new
+    return {
+        "model": "tiny" if model.info.get("tiny") else {k: v for k, v in model.info.items() if v and k != "finetune"},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "precision": precision,
+        "target_size": f"{width}x{height}",
+        "conditioning_size": "512x640",
+        "batch_size": batch_size,
+        "steps": steps,
+        "modes": results,
+        "load_average": _load_average(),
+    }

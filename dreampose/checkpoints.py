@@ -189,12 +189,19 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
     try:
         contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         save_file(contiguous, tmp, metadata={k: str(v) for k, v in metadata.items()})
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; a model file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def format_metadata(**fields) -> dict[str, str]:

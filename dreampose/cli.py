@@ -1,4 +1,4 @@
-"""``python -m dreampose``: animate, convert, demo and bench without ComfyUI.
+"""``python -m dreampose``: animate, finetune, convert, demo and bench without ComfyUI.
 
 The stages are the ComfyUI graph's: load the model, encode the subject once, build pose windows,
 sample with dual guidance, decode, write PNG frames and an MP4. Every user input is checked before
@@ -111,20 +111,43 @@ def _check_weights_given(args) -> None:
                              "or --base to build an untrained DreamPose from Stable Diffusion 1.x")
 
 
-def _load_image(path: str):
+def _load_image(path: str, flag: str = "--image"):
     """An image file → ``[3,H,W]`` uint8 RGB tensor (alpha dropped, greyscale expanded)."""
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
-        raise DreamPoseError(f"--image: not found: {path}")
+        raise DreamPoseError(f"{flag}: not found: {path}")
     try:
         with Image.open(path) as im:
             rgb = np.asarray(im.convert("RGB")).copy()
     except (UnidentifiedImageError, OSError) as exc:
-        raise DreamPoseError(f"--image {path}: not a readable image ({exc})") from exc
+        raise DreamPoseError(f"{flag} {path}: not a readable image ({exc})") from exc
     return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _image_paths(items: list[str]) -> list[str]:
+    """``--images``: files, or one folder whose images are taken in natural order (frame_2 before frame_10)."""
+    if len(items) == 1 and os.path.isdir(items[0]):
+        folder = items[0]
+        names = sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES)), key=_natural_key)
+        if not names:
+            raise DreamPoseError(f"--images {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return [os.path.join(folder, n) for n in names]
+    for path in items:
+        if os.path.isdir(path):
+            raise DreamPoseError(f"--images: {path} is a folder; give one folder or image files, not both")
+        if not os.path.isfile(path):
+            raise DreamPoseError(f"--images: not found: {path}")
+    return list(items)
 
 
 def _read_init_latents(path: str, frames: int, height: int, width: int):
@@ -250,6 +273,8 @@ def cmd_animate(args) -> int:
     _check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
                  image=args.image, poses=args.poses, init_latents=args.init_latents, unet_config=args.unet_config,
                  vae_config=args.vae_config)
+    for path in args.subject or ():
+        _check_paths(subject=path)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     image = _load_image(args.image)
@@ -353,6 +378,8 @@ def cmd_bench(args) -> int:
     from .poses import check_output_size
 
     check_output_size(height, width)
+    if args.finetune:
+        return _bench_finetune(args, real, device, height, width)
     if args.frames % args.frames_per_batch:
         raise DreamPoseError(f"--frames {args.frames} must be a multiple of --frames-per-batch {args.frames_per_batch}")
     if real:
@@ -374,6 +401,131 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# settings flags → FinetuneSettings fields (None: the kind's default)
+_SETTING_FLAGS = ("steps", "lr", "batch_size", "seed", "crop", "flip", "gradient_checkpointing", "precision",
+                  "optimizer", "lora_rank", "lora_alpha", "height", "width", "crop_prob", "crop_min_scale",
+                  "dropout", "decoder_range")
+
+
+def _finetune_settings(args, kind: str):
+    from .finetune import FinetuneSettings, check_settings, vae_settings
+
+    given = {k: getattr(args, k) for k in _SETTING_FLAGS if getattr(args, k, None) is not None}
+    settings = FinetuneSettings(**given) if kind == "subject" else vae_settings(**given)
+    return check_settings(settings, kind)
+
+
+class _StepPrinter:
+    """``finetune: step 3/500  loss 0.1234  2.1 s`` per step (one updating line on a terminal)."""
+
+    def __init__(self, label: str, quiet: bool):
+        self.progress = _Progress(label, quiet)
+        self.losses: list[float] = []
+
+    def __call__(self, step: int, total: int, loss: float):
+        self.losses.append(loss)
+        p = self.progress
+        if p.quiet:
+            return
+        line = f"{p.label} {step}/{total}  loss {loss:.4f}  {time.perf_counter() - p.t0:.1f} s"
+        p.stream.write(("\r" + line + ("\n" if step >= total else "")) if p.tty else line + "\n")
+        p.stream.flush()
+
+
+def _finetune_command(args, kind: str) -> int:
+    import torch
+
+    from .devices import resolve_device
+    from .finetune import finetune_to_file
+    from .poses import list_uv_files, load_uv_file
+
+    # 1. inputs and settings, checked before any weights are read
+    _check_weights_given(args)
+    if not args.out.lower().endswith(".safetensors"):
+        raise DreamPoseError(f"--out {args.out}: the finetune is saved as one file ending in .safetensors")
+    if os.path.isdir(args.out):
+        raise DreamPoseError(f"--out {args.out} is a folder; give a file name ending in .safetensors")
+    _check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
+                 unet_config=args.unet_config, vae_config=args.vae_config)
+    settings = _finetune_settings(args, kind)
+    device = resolve_device(args.device)
+    paths = _image_paths(args.images)
+    photos = [_load_image(p, "--images") for p in paths]
+    uv = None
+    if kind == "subject":
+        pose_files = list_uv_files(args.poses)
+        if len(pose_files) != len(photos):
+            raise DreamPoseError(f"{len(photos)} image(s) but {len(pose_files)} pose file(s) in {args.poses}: give one "
+                                 "frame_N_densepose.npy per image, in the same order")
+        uv = [load_uv_file(p) for p in pose_files]
+    _err(f"{len(photos)} subject image(s){' with their poses' if uv else ''}; training at "
+         f"{settings.width}x{settings.height} (WxH), {settings.steps} steps, lr {settings.lr:g}, "
+         f"{'LoRA rank ' + str(settings.lora_rank) if settings.lora_rank else 'full'}, {settings.precision}, "
+         f"seed {settings.seed}, on {device}")
+
+    # 2. weights: trained copies go to the device; the frozen VAE/CLIP work there, the base UNet stays on the CPU
+    _err("loading weights …")
+    t0 = time.perf_counter()
+    model = _load_model(args)
+    model.to("cpu", torch.float32, torch.float32, torch.float32)
+    if kind == "subject":
+        torch.nn.Module.to(model.vae, device=device)
+        torch.nn.Module.to(model.clip, device=device)
+    _err(f"loaded in {time.perf_counter() - t0:.1f} s; conditioning convention {model.convention!r}")
+
+    # 3. cache lookup → train → save
+    if os.path.isfile(args.out) and not args.force:
+        _err(f"{args.out} exists: reused if it holds this very finetune, replaced otherwise")
+    label = "finetune: step" if kind == "subject" else "VAE decoder finetune: step"
+    printer = _StepPrinter(label, args.quiet)
+    base = os.path.basename(args.dreampose or args.base)
+    result = finetune_to_file(kind, model, [p.float() / 255 for p in photos], uv, settings, args.out,
+                              force=args.force, device=device, callback=printer, base=base)
+    if result.cached:
+        print(f"{result.path} is up to date: same images{', poses' if uv else ''}, weights and settings (cache key "
+              f"{result.cache_key[:12]}…); 0 steps trained. Use --force to train again.")
+        return 0
+    size = os.path.getsize(result.path) / 2**20
+    what = ("UNet+adapter" if kind == "subject" else "VAE decoder") + (
+        f", LoRA rank {settings.lora_rank}" if settings.lora_rank else "")
+    losses = printer.losses
+    k = max(1, min(10, len(losses) // 4))
+    print(f"wrote {result.path} ({what}, {size:.1f} MiB): {result.steps_trained} steps in {result.seconds:.1f} s "
+          f"({result.seconds / result.steps_trained:.3f} s/step); loss {sum(losses[:k]) / k:.4f} (first {k}) → "
+          f"{sum(losses[-k:]) / k:.4f} (last {k})")
+    print(f"use it with: animate … --subject {result.path}")
+    return 0
+
+
+def cmd_finetune_subject(args) -> int:
+    return _finetune_command(args, "subject")
+
+
+def cmd_finetune_vae(args) -> int:
+    return _finetune_command(args, "vae")
+
+
+def _bench_finetune(args, real: bool, device, height: int, width: int) -> int:
+    from .bench import benchmark_finetune
+
+    if real:
+        _err("loading weights …")
+        model = _load_model(args)
+    else:
+        from .tiny import tiny_dreampose
+
+        model = tiny_dreampose(seed=args.seed)
+    result = benchmark_finetune(model, device=device, height=height, width=width, steps=args.finetune_steps,
+                                lora_rank=args.lora_rank, precision=args.precision, seed=args.seed,
+                                log=None if args.quiet else (lambda m: _err(f"bench: {m}")))
+    text = json.dumps(result, indent=1, default=str)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def _load_model(args):
     from .model import load_dreampose
 
@@ -382,7 +534,7 @@ def _load_model(args):
     vae_config = _read_json(args.vae_config, "--vae-config") if args.vae_config else None
     return load_dreampose(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae,
                           adapter=args.adapter, convention=args.convention, unet_config=unet_config,
-                          vae_config=vae_config)
+                          vae_config=vae_config, subject=getattr(args, "subject", None))
 
 
 def _read_json(path: str, flag: str) -> dict:
@@ -448,6 +600,69 @@ def _add_sampling_args(p, *, width: int, height: int, steps: int, fps: float, fr
     o.add_argument("--quiet", action="store_true", help="no per-step progress lines")
 
 
+def _unit_float(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _add_finetune_parser(sub, name: str, kind: str) -> None:
+    subject = kind == "subject"
+    p = sub.add_parser(
+        name, help="finetune UNet + adapter on photos of one subject (paper §4.3)" if subject else
+        "finetune the VAE decoder on photos of one subject (paper §4.3)",
+        description=("Photos of one person (each with its DensePose) → a subject finetune of the UNet and the "
+                     "adapter, saved atomically as one .safetensors. " if subject else
+                     "Photos of one person → a finetune of the VAE decoder (encoder frozen), saved atomically as "
+                     "one .safetensors. ") +
+        "An --out file holding this very finetune (same images, weights and settings) is reused without "
+        "training unless --force. Apply the result with `animate --subject FILE`.")
+    _add_weight_args(p)
+    p.add_argument("--images", required=True, nargs="+", metavar="IMAGE",
+                   help="the subject's photos: image files, or one folder of them (natural order)")
+    if subject:
+        p.add_argument("--poses", required=True,
+                       help="folder of frame_N_densepose.npy, one per image, in the images' order")
+    p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to save the finetune")
+    p.add_argument("--force", action="store_true", help="train even if --out already holds this finetune")
+    g = p.add_argument_group("training (defaults: the authors' " + ("subject finetune)" if subject else
+                                                                     "VAE decoder finetune)"))
+    g.add_argument("--steps", type=_positive_int, help=f"optimizer steps (default {500 if subject else 1500})")
+    g.add_argument("--lr", type=_positive_float, help=f"learning rate, AdamW (default {'1e-5' if subject else '5e-5'}"
+                                                      f"{'; LoRA usually wants ~1e-4' if subject else ''})")
+    g.add_argument("--batch-size", type=_positive_int, help="samples per step (default 1)")
+    g.add_argument("--seed", type=int, help="seed of every random draw (default 0)")
+    g.add_argument("--no-crop", dest="crop", action="store_const", const=False,
+                   help="no random crops (default: crop" + (" image and pose with the same box)" if subject else ")"))
+    g.add_argument("--flip", action="store_const", const=True, help="random horizontal flips (default off)")
+    g.add_argument("--crop-prob", type=_unit_float, help=f"share of samples cropped (default {0.7 if subject else 1})")
+    g.add_argument("--crop-min-scale", type=_unit_float,
+                   help=f"smallest kept side fraction (default {0.96 if subject else 0.92:g})")
+    g.add_argument("--width", type=int, help="training width of the targets, a multiple of 64 (default 512)")
+    g.add_argument("--height", type=int, help="training height of the targets, a multiple of 64 (default 640)")
+    g.add_argument("--gradient-checkpointing", action="store_const", const=True,
+                   help="recompute activations in the backward pass: less memory, slower")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast over fp32 weights (default fp32)")
+    g.add_argument("--optimizer", choices=("adamw", "adamw8bit"), help="adamw8bit needs bitsandbytes (default adamw)")
+    if subject:
+        g.add_argument("--lora-rank", type=_nonnegative_int,
+                       help="0: full UNet+adapter finetune (default); >0: LoRA of this rank on the UNet attention "
+                            "(the adapter is still trained in full; the file holds only the delta)")
+        g.add_argument("--lora-alpha", type=_positive_float, help="LoRA alpha (default: the rank, scale 1)")
+        g.add_argument("--dropout", type=_unit_float,
+                       help="per-sample conditioning dropout, split pose/image/both (default 0, as the authors)")
+    else:
+        g.add_argument("--decoder-range", choices=("minus1_1", "0_1"),
+                       help="decoder target range: minus1_1 (default, what decoding expects) or 0_1 (the authors', "
+                            "washes frames out)")
+    p.add_argument("--device", default="auto", help="where to train: auto (CUDA if available, else CPU), cpu, cuda, "
+                                                    "cuda:N. Weights stay fp32; --precision picks the arithmetic")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    p.set_defaults(func=cmd_finetune_subject if subject else cmd_finetune_vae)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dreampose",
                                      description="DreamPose (Karras et al., ICCV 2023) without ComfyUI.")
@@ -461,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-frame", type=_nonnegative_int, default=0, help="skip this many pose frames")
     p.add_argument("--max-frames", type=_nonnegative_int, default=0, help="at most this many frames (0 = all)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--subject", action="append", metavar="FILE.safetensors",
+                   help="a saved subject finetune (finetune-subject / finetune-vae output) applied on top of the "
+                        "weights; give it twice for a UNet+adapter and a VAE decoder finetune")
     _add_sampling_args(p, width=512, height=640, steps=100, fps=30.0)
     _add_device_args(p)
     p.set_defaults(func=cmd_animate)
@@ -484,6 +702,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-config", help="VAE config JSON, for a VAE that is not SD 1.x sized")
     p.set_defaults(func=cmd_convert)
 
+    for name, kind in (("finetune-subject", "subject"), ("finetune-vae", "vae")):
+        _add_finetune_parser(sub, name, kind)
+
     p = sub.add_parser("bench", help="time sampling against bare UNet forwards; prints JSON",
                        description="Tiny random model unless weights are given. Prints JSON on stdout.")
     _add_weight_args(p)
@@ -501,6 +722,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", help="also write the JSON to this file")
     p.add_argument("--quiet", action="store_true")
+    f = p.add_argument_group("finetuning (--finetune)")
+    f.add_argument("--finetune", action="store_true",
+                   help="time subject finetuning instead: seconds per step and peak memory for full, "
+                        "full+checkpointing, lora and vae (tiny model: 256x256 targets unless --width/--height)")
+    f.add_argument("--finetune-steps", type=_int_at_least(2), default=6,
+                   help="optimizer steps per mode (default 6; the first is set-up and not in the median)")
+    f.add_argument("--lora-rank", type=_positive_int, default=4, help="rank for the lora mode (default 4)")
+    f.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -166,6 +166,7 @@ def load_dreampose_file(path: str, unet_config: dict | None = None):
     if meta.get("format") != "dreampose":
         raise DreamPoseError(f"{path}: a .safetensors file without DreamPose metadata; for the authors' files "
                              "use unet_epoch_N.pth, or convert them with `python -m dreampose convert`")
+    _refuse_delta(path, meta)
     ucfg = unet_config_with_pose(unet_config or _meta_json(meta, "unet_config", path) or shipped_config("sd15_unet"))
     vcfg = _meta_json(meta, "vae_config", path) or shipped_config("sd15_vae")
     vcfg = {k: v for k, v in vcfg.items() if not k.startswith("_")}
@@ -193,11 +194,21 @@ def _check_paths(clip, dreampose, base, vae, adapter) -> None:
                              "(our .safetensors, or the authors' unet_epoch_N.pth)")
 
 
+def _refuse_delta(path: str, meta: dict) -> None:
+    """A LoRA or VAE-decoder subject file holds a delta, not a model: it goes on a base model."""
+    if meta.get("mode") == "lora" or meta.get("finetuned") == "vae_decoder":
+        what = "a LoRA subject finetune" if meta.get("mode") == "lora" else "a VAE decoder finetune"
+        raise DreamPoseError(f"{path}: is {what}, not a whole DreamPose model; load the base DreamPose weights "
+                             f"({meta.get('base_model', 'the ones it was trained on')}) and give this file as the "
+                             "subject (load_dreampose(..., subject=...), or --subject)")
+
+
 def _check_ours(path: str, base, vae) -> None:
     meta = read_metadata(path)
     if meta.get("format") != "dreampose":
         raise DreamPoseError(f"{path}: this .safetensors has no DreamPose metadata; it looks like "
                              f"{looks_like(peek_keys(path))}")
+    _refuse_delta(path, meta)
     if "vae_config" not in meta and not vae and not base:
         raise DreamPoseError(f"{path} has no VAE: also give the Stable Diffusion 1.x base model or a VAE")
 
@@ -215,7 +226,13 @@ def _check_authors(path: str, adapter: str | None, base, vae) -> str:
     return adapter
 
 
-def _resolve(clip, dreampose, base, vae, adapter, convention) -> tuple[bool, str | None]:
+def _subject_list(subject) -> list[str]:
+    if not subject:
+        return []
+    return [os.fspath(subject)] if isinstance(subject, (str, os.PathLike)) else [os.fspath(s) for s in subject]
+
+
+def _resolve(clip, dreampose, base, vae, adapter, convention, subjects=()) -> tuple[bool, str | None]:
     """Step 1 of load_dreampose: every path exists and fits its role, or a DreamPoseError naming it.
 
     Reads headers only (safetensors JSON, the index of a zip pickle), so a wrong file costs
@@ -234,6 +251,11 @@ def _resolve(clip, dreampose, base, vae, adapter, convention) -> tuple[bool, str
     _check_role(clip, "CLIP vision model")
     _check_role(vae, "VAE")
     _check_role(base, "Stable Diffusion 1.x model")
+    if subjects:
+        from .subject import read_subject_header
+
+        for path in subjects:
+            read_subject_header(path)
     return ours, adapter
 
 
@@ -244,7 +266,8 @@ def _base_scheduler_config(base: str | None) -> dict | None:
 
 def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None = None, vae: str | None = None,
                    adapter: str | None = None, convention: str | None = None, unet_config: dict | None = None,
-                   vae_config: dict | None = None, clip_config: dict | None = None) -> DreamPoseModel:
+                   vae_config: dict | None = None, clip_config: dict | None = None,
+                   subject=None) -> DreamPoseModel:
     """Assemble a DreamPose model.
 
     ``dreampose``: our ``.safetensors`` or the authors' ``unet_epoch_N.pth`` (its ``adapter_N.pth``
@@ -252,8 +275,11 @@ def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None 
     ``vae``: a VAE file/folder (e.g. the authors' ``vae_N.pth``); otherwise the DreamPose file's own
     VAE, otherwise ``base``'s. ``convention``: ``None`` takes the checkpoint's (authors' → official).
     Scheduler: the one saved in our file, else ``base``'s ``scheduler/``, else SD 1.x's PNDM.
+    ``subject``: one or more saved subject finetunes (full or LoRA UNet+adapter, VAE decoder),
+    applied in order on top (``finetune.apply_subject``).
     """
-    ours, adapter = _resolve(clip, dreampose, base, vae, adapter, convention)
+    subjects = _subject_list(subject)
+    ours, adapter = _resolve(clip, dreampose, base, vae, adapter, convention, subjects)
     info = {"dreampose": dreampose, "base": base, "clip": clip, "vae": vae, "adapter": adapter}
     clip_model = load_clip_vision(clip, clip_config)
     file_vae, file_scheduler = None, None
@@ -278,6 +304,11 @@ def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None 
     scheduler_config = file_scheduler or _base_scheduler_config(base) or default_scheduler_config()
     model = DreamPoseModel(unet, ad, vae_model, clip_model, conv, scheduler_config, info)
     model.check_compatible()
+    if subjects:
+        from .subject import apply_subject
+
+        for path in subjects:
+            model = apply_subject(model, path, inplace=True)
     return model
 
 
