@@ -1,8 +1,8 @@
 """ComfyUI-DreamPose: DreamPose (Karras et al., ICCV 2023) for ComfyUI, as V3 nodes.
 
 ComfyUI imports this package, then calls ``comfy_entrypoint``. Importing registers the
-``models/dreampose`` folder and nothing else: no downloads, no checks for weights. Outside
-ComfyUI (pytest collects the repository root as a package) importing does nothing at all.
+``models/dreampose`` and ``models/densepose`` folders and nothing else: no downloads, no checks for
+weights. Outside ComfyUI (pytest collects the repository root as a package) importing does nothing.
 """
 import importlib.util
 
@@ -10,6 +10,9 @@ if importlib.util.find_spec("comfy_api") is not None:
     from .nodes.folders import register_model_folders
 
     register_model_folders()  # before the first /object_info, so the loader lists models/dreampose
+    from .nodes.densepose import register_densepose_folder
+
+    register_densepose_folder()  # models/densepose (+ comfyui_controlnet_aux's downloaded exports)
 
 
 async def comfy_entrypoint():

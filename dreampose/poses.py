@@ -90,6 +90,38 @@ def load_uv_folder(folder: str, start: int = 0, count: int = 0) -> torch.Tensor:
     return torch.stack(frames)
 
 
+def uv_file_name(number: int) -> str:
+    """The authors' name for frame ``number``'s pose file."""
+    return f"frame_{number}_densepose.npy"
+
+
+def prepare_frame_folder(folder: str, pattern: re.Pattern, overwrite: bool) -> None:
+    """Create ``folder``; refuse to mix new frames with frames already there unless ``overwrite``,
+    which removes only the files named like the ones about to be written."""
+    os.makedirs(folder, exist_ok=True)
+    existing = sorted(n for n in os.listdir(folder) if pattern.match(n))
+    if existing and not overwrite:
+        raise DreamPoseError(f"{folder!r} already holds {len(existing)} frame file(s) like {existing[0]!r}; "
+                             "choose another folder or turn on overwrite (which replaces them)")
+    for name in existing:
+        os.remove(os.path.join(folder, name))
+
+
+def save_uv_folder(folder: str, uv: torch.Tensor, start: int = 0, overwrite: bool = False) -> list[str]:
+    """``[F,2,H,W]`` UV → ``frame_N_densepose.npy`` files (N = start, start+1, …), each a float32
+    ``(2, H, W)`` array: the authors' layout (theirs were float64; :func:`load_uv_folder` reads both)."""
+    uv = check_uv(uv).detach().cpu()
+    if start < 0:
+        raise DreamPoseError(f"the first frame number must be 0 or more, got {start}")
+    prepare_frame_folder(folder, _NPY_NAME, overwrite)
+    paths = []
+    for i, frame in enumerate(uv):
+        path = os.path.join(folder, uv_file_name(start + i))
+        np.save(path, frame.numpy().astype(np.float32), allow_pickle=False)
+        paths.append(path)
+    return paths
+
+
 @dataclass
 class PoseWindows:
     """A pose sequence ready for sampling: normalised UV at latent size plus the window table."""

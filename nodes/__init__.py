@@ -3,9 +3,13 @@
 Node IDs and input order are part of every saved workflow (widget values are stored by position):
 never rename or reorder them; add new inputs at the end.
 """
+from .densepose import DreamPoseDensePose, DreamPoseLoadIUV, DreamPoseSaveUV
 from .encode import CLIPVAEAdapterEncode
+from .finetune import SubjectFinetune, VAEDecoderFinetune
 from .loader import LoadDreamPose
 from .poses import DensePoseWindow5, DreamPoseLoadUV
 from .sampler import DualCFGSampler
 
-NODES = [LoadDreamPose, CLIPVAEAdapterEncode, DreamPoseLoadUV, DensePoseWindow5, DualCFGSampler]
+NODES = [LoadDreamPose, CLIPVAEAdapterEncode, DreamPoseLoadUV, DensePoseWindow5, DualCFGSampler, SubjectFinetune,
+         VAEDecoderFinetune]
+NODES += [DreamPoseDensePose, DreamPoseSaveUV, DreamPoseLoadIUV]

@@ -14,6 +14,10 @@ import folder_paths
 from ..dreampose.errors import DreamPoseError
 
 DREAMPOSE = "dreampose"
+SUBJECTS = "dreampose_subjects"     # folder type of subject finetunes: <each dreampose folder>/subjects
+SUBJECTS_DIR = "subjects"
+SUBJECT_EXTENSIONS = {".safetensors"}
+NONE_SUBJECT = "none"
 NONE_WEIGHTS = "none (fresh from base)"
 NONE_BASE = "none"
 VAE_FROM_WEIGHTS = "from weights or base"
@@ -34,12 +38,29 @@ def register_model_folders() -> None:
     entry = folder_paths.folder_names_and_paths.get(DREAMPOSE)
     if entry is None:
         folder_paths.folder_names_and_paths[DREAMPOSE] = ([default], set(folder_paths.supported_pt_extensions))
+    else:
+        paths, extensions = entry
+        if default not in paths:
+            paths.append(default)
+        if not isinstance(extensions, set) or not set(folder_paths.supported_pt_extensions) <= extensions:
+            folder_paths.folder_names_and_paths[DREAMPOSE] = (paths,
+                                                              set(extensions) | folder_paths.supported_pt_extensions)
+    register_subject_folder()
+
+
+def register_subject_folder() -> None:
+    """``dreampose_subjects``: the ``subjects`` sub-folder of every ``dreampose`` folder, in the same order
+    (so an ``extra_model_paths.yaml`` dreampose entry brings its subjects along), after any folder the
+    yaml names for ``dreampose_subjects`` itself. Finetunes are saved into the first of them."""
+    wanted = [os.path.join(p, SUBJECTS_DIR) for p in folder_paths.folder_names_and_paths[DREAMPOSE][0]]
+    entry = folder_paths.folder_names_and_paths.get(SUBJECTS)
+    if entry is None:
+        folder_paths.folder_names_and_paths[SUBJECTS] = (wanted, set(SUBJECT_EXTENSIONS))
         return
     paths, extensions = entry
-    if default not in paths:
-        paths.append(default)
-    if not isinstance(extensions, set) or not set(folder_paths.supported_pt_extensions) <= extensions:
-        folder_paths.folder_names_and_paths[DREAMPOSE] = (paths, set(extensions) | folder_paths.supported_pt_extensions)
+    paths.extend(p for p in wanted if p not in paths)
+    if not isinstance(extensions, set) or not SUBJECT_EXTENSIONS <= extensions:
+        folder_paths.folder_names_and_paths[SUBJECTS] = (paths, set(extensions) | SUBJECT_EXTENSIONS)
 
 
 def _files(folder: str) -> list[str]:
@@ -83,9 +104,18 @@ def _inside(name: str, dirs: list[str]) -> bool:
     return any(name.replace(os.sep, "/").startswith(d + "/") for d in dirs)
 
 
+def _is_subject(name: str) -> bool:
+    """A file under models/dreampose/subjects: a finetune applied on top of a model, not a model."""
+    return name.replace(os.sep, "/").startswith(SUBJECTS_DIR + "/")
+
+
 def dreampose_weight_options() -> list[str]:
-    names = [n for n in _files(DREAMPOSE) if not _COMPANION.match(os.path.basename(n))]
+    names = [n for n in _files(DREAMPOSE) if not _COMPANION.match(os.path.basename(n)) and not _is_subject(n)]
     return names + [NONE_WEIGHTS]
+
+
+def subject_options() -> list[str]:
+    return [NONE_SUBJECT] + _files(SUBJECTS)
 
 
 def base_model_options() -> list[str]:
@@ -99,8 +129,8 @@ def clip_vision_options() -> list[str]:
 
 
 def vae_options() -> list[str]:
-    ours = [n + DREAMPOSE_TAG for n in _files(DREAMPOSE)
-            if "vae" in os.path.basename(n).lower() and not _AUTHORS_UNET.match(os.path.basename(n))]
+    ours = [n + DREAMPOSE_TAG for n in _files(DREAMPOSE) if "vae" in os.path.basename(n).lower()
+            and not _AUTHORS_UNET.match(os.path.basename(n)) and not _is_subject(n)]
     return [VAE_FROM_WEIGHTS] + _files("vae") + ours
 
 
@@ -156,6 +186,20 @@ def resolve_vae(name: str) -> str | None:
     if path is None:
         raise _not_found("VAE", stripped, folder)
     return path
+
+
+def resolve_subject(name: str) -> str | None:
+    if name == NONE_SUBJECT:
+        return None
+    path = folder_paths.get_full_path(SUBJECTS, name)
+    if path is None:
+        raise _not_found("Subject finetune", name, SUBJECTS)
+    return path
+
+
+def subject_dirs() -> list[str]:
+    """Where saved finetunes are looked for; the first is where new ones are written."""
+    return _search_paths(SUBJECTS)
 
 
 def resolve_folder(path: str) -> str:

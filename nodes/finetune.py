@@ -1,0 +1,336 @@
+"""SubjectFinetune and VAEDecoderFinetune: teach DreamPose one person from a few photos.
+
+Both nodes are thin: they turn ComfyUI types into the library's, leave ComfyUI's inference mode
+(``torch.inference_mode(False)``, inputs cloned), borrow the GPU through ``device.borrowed`` (the
+input model always goes back to the offload device), tick a ProgressBar every step with the loss as
+the node's progress text, and check Cancel every step. The trained weights are saved atomically to
+``models/dreampose/subjects/<name>.safetensors``; before training, a saved finetune with the same
+cache key (same model, photos, poses and settings) is loaded instead and no step is trained.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import comfy.model_management as mm
+import comfy.utils
+from comfy_api.latest import io
+
+from ..dreampose import finetune as ft
+from ..dreampose.checkpoints import read_metadata
+from ..dreampose.errors import DreamPoseError
+from . import device as dev
+from . import folders
+from .types import DreamPoseModelType, DreamPosePoseType, require_uv
+
+log = logging.getLogger(__name__)
+
+# Training takes the whole device, as core's TrainLoraNode does: every other loaded model is unloaded first.
+TRAINING_MEMORY = 10 ** 20
+TEXT_INTERVAL_S = 0.25  # progress text at most this often (and always on the last step)
+_BAD_NAME_CHARS = set('<>:"|?*') | {chr(c) for c in range(32)}
+
+
+def check_name(name: str) -> str:
+    """The file name under models/dreampose/subjects: a bare name, ``.safetensors`` added if missing."""
+    stripped = (name or "").strip()
+    if not stripped:
+        raise DreamPoseError("no name given: type a file name for the finetune, e.g. 'alice' (saved as "
+                             "models/dreampose/subjects/alice.safetensors)")
+    if "/" in stripped or "\\" in stripped or ".." in stripped or stripped.startswith("."):
+        raise DreamPoseError(f"name {name!r}: give a plain file name, without folders, '..' or a leading dot; it is "
+                             "saved in models/dreampose/subjects/")
+    if set(stripped) & _BAD_NAME_CHARS:
+        raise DreamPoseError(f"name {name!r}: contains characters a file name cannot hold "
+                             "(< > : \" | ? * or control characters)")
+    if not stripped.lower().endswith(".safetensors"):
+        stripped += ".safetensors"
+    return stripped
+
+
+def _validate_name(name) -> bool | str:
+    if name is None:  # linked from another node: checked when it runs
+        return True
+    try:
+        check_name(name)
+    except DreamPoseError as exc:
+        return str(exc)
+    return True
+
+
+def photos_from_images(images) -> torch.Tensor:
+    """ComfyUI IMAGE ``[N,H,W,3]`` → ``[N,3,H,W]`` float 0..1 (an ordinary tensor, safe for autograd)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        raise DreamPoseError(f"expected a ComfyUI IMAGE batch [count, height, width, channels], got "
+                             f"{tuple(getattr(images, 'shape', ()))}")
+    if images.shape[-1] == 4:
+        raise DreamPoseError("the subject photos are RGBA (4 channels); DreamPose needs RGB: drop the alpha with the "
+                             "core 'Split Image with Alpha' node")
+    if images.shape[-1] != 3:
+        raise DreamPoseError(f"the subject photos have {images.shape[-1]} channels; DreamPose needs RGB images")
+    return images.movedim(-1, 1).to(device="cpu", dtype=torch.float32).clone().contiguous()
+
+
+def subject_poses(poses, photos: int) -> torch.Tensor:
+    """The raw UV sequence, one frame per photo, as an ordinary tensor."""
+    uv = require_uv(poses)
+    if uv.ndim != 4 or uv.shape[1] != 2:
+        raise DreamPoseError(f"expected a DensePose UV sequence [frames, 2, H, W], got {tuple(uv.shape)}")
+    if uv.shape[0] != photos:
+        raise DreamPoseError(
+            f"{photos} subject photo(s) but {uv.shape[0]} DensePose UV frame(s): give exactly one UV frame per photo, "
+            "in the same order (DreamPose Load DensePose UV of the photos' own DensePose, 'count' to trim)")
+    return uv.to(device="cpu", dtype=torch.float32).clone().contiguous()
+
+
+class _Progress:
+    """ProgressBar tick every step (also ComfyUI's cancel check), loss as the node's text, Cancel checked."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.bar, self.last_text = what, comfy.utils.ProgressBar(total), 0.0
+        context = _executing_context()
+        self.node_id = context.node_id if context is not None else None
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        self.bar.update_absolute(step, total)
+        now = time.monotonic()
+        if step >= total or now - self.last_text >= TEXT_INTERVAL_S:
+            self.last_text = now
+            self.text(f"{self.what}: step {step}/{total}, loss {loss:.4f}")
+        mm.throw_exception_if_processing_interrupted()
+
+    def text(self, message: str) -> None:
+        _send_text(message, self.node_id)
+
+
+def _executing_context():
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:  # a host before 0.3.4x
+        return None
+    return get_executing_context()
+
+
+def _send_text(message: str, node_id) -> None:
+    """The text under the node (0.3.75: PromptServer.send_progress_text); nothing where the host lacks it."""
+    if node_id is None:
+        return
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and hasattr(server, "send_progress_text"):
+        server.send_progress_text(message, node_id)
+
+
+def _find_cached(key: str) -> str | None:
+    for folder in folders.subject_dirs():
+        if os.path.isdir(folder):
+            path = ft.find_cached_subject(folder, key)
+            if path:
+                return path
+    return None
+
+
+_KIND_NAMES = {"subject": "a subject (UNet + adapter) finetune", "vae": "a VAE decoder finetune"}
+
+
+def _target(name: str, kind: str) -> str:
+    """Where to save: the first subjects folder. Replacing a finetune of the other kind is refused: the
+    two nodes would overwrite each other's file and retrain on every run."""
+    dirs = folders.subject_dirs()
+    if not dirs:
+        raise DreamPoseError("no models/dreampose folder is registered; is the pack installed in custom_nodes?")
+    path = os.path.join(dirs[0], name)
+    if os.path.isfile(path):
+        try:
+            existing = read_metadata(path).get("kind")
+        except DreamPoseError:
+            existing = None  # not ours or damaged: replaced
+        if existing in _KIND_NAMES and existing != kind:
+            raise DreamPoseError(f"name {name!r}: models/dreampose/subjects/{name} holds {_KIND_NAMES[existing]}; "
+                                 f"give this one another name (e.g. {name[:-len('.safetensors')]}_{kind}) so "
+                                 "both are kept")
+    os.makedirs(dirs[0], exist_ok=True)
+    return path
+
+
+def _to_offload(model) -> None:
+    """Every network of ``model`` on the offload device in the dtypes the loader chose (the library
+    already returns them where the input's were; this keeps the promise whatever it did)."""
+    unet_dt, vae_dt, clip_dt = dev.model_dtypes(model)
+    offload = mm.unet_offload_device()
+    for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, clip_dt)):
+        dev.place(module, offload, dt)
+
+
+def _run(kind: str, what: str, model, photos: torch.Tensor, uv: torch.Tensor | None, settings, filename: str,
+         train, frozen) -> io.NodeOutput:
+    """Shared body (inside ``inference_mode(False)``): cache lookup → or train on the GPU → save → the
+    new model, on the offload device.
+
+    ``frozen``: the input model's networks the training runs through unchanged, borrowed for it; the
+    trained ones are copied to the device by the library (fp32 master weights) and come back in the
+    input's dtype, so the input model itself is never changed.
+    """
+    key = ft.subject_cache_key(model, photos, uv, settings, kind)
+    cached = _find_cached(key)
+    if cached:
+        log.info("DreamPose %s: %s has the same model, photos and settings; loading it, 0 steps trained",
+                 what, cached)
+        _send_text(f"{what}: reused {os.path.basename(cached)} (same model, photos and settings), 0 steps trained",
+                   getattr(_executing_context(), "node_id", None))
+        new = ft.apply_subject(model, cached)
+        _to_offload(new)
+        return io.NodeOutput(new)
+    path = _target(filename, kind)
+    progress = _Progress(what, settings.steps)
+    with dev.borrowed(frozen, TRAINING_MEMORY) as device:
+        new = train(device, progress)
+    _to_offload(new)
+    saved = ft.save_subject(new, path, kind=kind, settings=settings, cache_key=key, base=model,
+                            lora=bool(settings.lora_rank))
+    log.info("DreamPose %s: %d steps trained, saved %s", what, settings.steps, saved)
+    progress.text(f"{what}: {settings.steps} steps trained, saved subjects/{os.path.basename(saved)}")
+    return io.NodeOutput(new)
+
+
+class SubjectFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SubjectFinetune",
+            display_name="DreamPose Subject Finetune",
+            category="DreamPose/finetune",
+            description=(
+                "Finetunes the UNet and the CLIP-VAE adapter on photos of one subject, each with its own DensePose, "
+                "so the animation keeps the person's face and garment (the paper's second stage). Image and pose are "
+                "augmented together. Saved to models/dreampose/subjects/<name>.safetensors; when a finetune with the "
+                "same model, photos, poses and settings is already saved, it is loaded and nothing is trained. "
+                "Outputs a new model; the input model is unchanged. Cancel stops within one step and saves nothing."),
+            inputs=[
+                DreamPoseModelType.Input("model", tooltip="The DreamPose model to finetune (from Load DreamPose)."),
+                io.Image.Input("images", tooltip="Photos of the subject, an IMAGE batch (one photo works; a few "
+                                                 "views are better), full body, RGB."),
+                DreamPosePoseType.Input("poses", tooltip="The photos' own DensePose: the raw UV sequence from "
+                                                         "'DreamPose Load DensePose UV', one frame per photo in the "
+                                                         "same order (not DensePoseWindow5's windows)."),
+                io.String.Input("name", default="subject",
+                                tooltip="File name under models/dreampose/subjects/ (.safetensors is added); no "
+                                        "folders. An existing file of that name is replaced. Give the VAE finetune "
+                                        "another name."),
+                io.Int.Input("steps", default=500, min=1, max=100_000,
+                             tooltip="Training steps (the authors used about 500 for a subject)."),
+                io.Float.Input("lr", default=1e-5, min=1e-8, max=1e-2, step=1e-6, round=1e-8,
+                               tooltip="Learning rate (AdamW). 1e-5 for a full finetune; LoRA takes about 1e-4."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the noise, timesteps and augmentation: the same seed and settings "
+                                     "reproduce the finetune and find the saved one. No randomize control: a new "
+                                     "seed means training again."),
+                io.Boolean.Input("crop", default=True,
+                                 tooltip="Random crops of photo and pose together (augmentation; helps with few "
+                                         "photos)."),
+                io.Boolean.Input("flip", default=False,
+                                 tooltip="Random horizontal flips of photo and pose together. Off by default: a "
+                                         "mirrored DensePose keeps each limb's own U/V, and an asymmetric garment "
+                                         "would be learnt both ways round."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute activations in the backward pass: much less VRAM, about 30% "
+                                         "slower."),
+                io.Combo.Input("precision", options=list(ft.PRECISIONS), default="fp32",
+                               tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer; less VRAM) or "
+                                       "fp16 (mixed precision with loss scaling)."),
+                io.Combo.Input("optimizer", options=list(ft.OPTIMIZERS), default="adamw",
+                               tooltip="adamw, or adamw8bit (bitsandbytes, CUDA only: optimizer state in 8 bit, "
+                                       "about a quarter of AdamW's memory)."),
+                io.Int.Input("lora_rank", default=0, min=0, max=512,
+                             tooltip="0: finetune every UNet and adapter weight (the paper; about 32 GB of VRAM at "
+                                     "512×640). A rank such as 16 or 64 trains LoRA layers instead: a fraction of "
+                                     "the memory and a small file."),
+            ],
+            outputs=[DreamPoseModelType.Output(
+                display_name="model",
+                tooltip="A new DreamPose model with the finetuned UNet and adapter (the input model is not changed).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str | None = None) -> bool | str:
+        return _validate_name(name)
+
+    @classmethod
+    def execute(cls, model, images, poses, name: str, steps: int, lr: float, seed: int, crop: bool, flip: bool,
+                gradient_checkpointing: bool, precision: str, optimizer: str, lora_rank: int) -> io.NodeOutput:
+        filename = check_name(name)
+        with torch.inference_mode(False):
+            photos = photos_from_images(images)
+            uv = subject_poses(poses, photos.shape[0])
+            settings = ft.FinetuneSettings(steps=steps, lr=lr, seed=seed, crop=crop, flip=flip,
+                                           gradient_checkpointing=gradient_checkpointing, precision=precision,
+                                           optimizer=optimizer, lora_rank=lora_rank)
+            _, vae_dt, clip_dt = dev.model_dtypes(model)
+
+            def train(device, callback):
+                return ft.finetune_subject(model, photos, uv, settings, device=device, callback=callback)
+
+            # CLIP and the VAE encode the photos (the VAE every step); UNet and adapter are copied to the device
+            return _run("subject", "subject finetune", model, photos, uv, settings, filename, train,
+                        [(model.vae, vae_dt), (model.clip, clip_dt)])
+
+
+class VAEDecoderFinetune(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VAEDecoderFinetune",
+            display_name="DreamPose VAE Decoder Finetune",
+            category="DreamPose/finetune",
+            description=(
+                "Finetunes the VAE decoder on the subject photos (reconstruction), which sharpens the face and the "
+                "garment's texture in the decoded frames (the paper's last stage). The encoder is unchanged. Saved to "
+                "models/dreampose/subjects/<name>.safetensors and reused like SubjectFinetune's. Outputs a new model; "
+                "the input model is unchanged. Cancel stops within one step and saves nothing."),
+            inputs=[
+                DreamPoseModelType.Input("model", tooltip="The DreamPose model (usually SubjectFinetune's output)."),
+                io.Image.Input("images", tooltip="Photos of the subject, an IMAGE batch, RGB (the same as for "
+                                                 "SubjectFinetune)."),
+                io.String.Input("name", default="subject_vae",
+                                tooltip="File name under models/dreampose/subjects/ (.safetensors is added); no "
+                                        "folders. Not the subject finetune's name, or it would replace that file."),
+                io.Int.Input("steps", default=1500, min=1, max=100_000, tooltip="Training steps."),
+                io.Float.Input("lr", default=5e-5, min=1e-8, max=1e-2, step=1e-6, round=1e-8,
+                               tooltip="Learning rate (AdamW)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of the crops, flips, photo order and latent samples: the same seed and "
+                                     "settings reproduce the finetune and find the saved one. No randomize control: "
+                                     "a new seed means training again."),
+                io.Boolean.Input("crop", default=True, tooltip="Random crops of the photos (augmentation)."),
+                io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips of the photos."),
+                io.Combo.Input("precision", options=list(ft.PRECISIONS), default="fp32",
+                               tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer) or fp16 (mixed "
+                                       "precision with loss scaling)."),
+            ],
+            outputs=[DreamPoseModelType.Output(
+                display_name="model",
+                tooltip="A new DreamPose model with the finetuned VAE decoder (the input model is not changed).")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, name: str | None = None) -> bool | str:
+        return _validate_name(name)
+
+    @classmethod
+    def execute(cls, model, images, name: str, steps: int, lr: float, seed: int, crop: bool, flip: bool,
+                precision: str) -> io.NodeOutput:
+        filename = check_name(name)
+        with torch.inference_mode(False):
+            photos = photos_from_images(images)
+            settings = ft.vae_settings(steps=steps, lr=lr, seed=seed, crop=crop, flip=flip, precision=precision)
+
+            def train(device, callback):
+                return ft.finetune_vae_decoder(model, photos, settings, device=device, callback=callback)
+
+            # the whole VAE is copied to the device: nothing of the input model needs to move
+            return _run("vae", "VAE decoder finetune", model, photos, None, settings, filename, train, [])
