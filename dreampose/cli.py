@@ -71,6 +71,16 @@ _positive_int = _int_at_least(1)
 _nonnegative_int = _int_at_least(0)
 
 
+def _print_json(result: dict, json_out: str | None) -> int:
+    """Print a benchmark's JSON (and write it to ``json_out`` when given); exit code 0."""
+    text = json.dumps(result, indent=1, default=str)
+    if json_out:
+        with open(json_out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def _finite_float(text: str) -> float:
     try:
         value = float(text)
@@ -393,12 +403,7 @@ def cmd_bench(args) -> int:
                        frames_per_batch=args.frames_per_batch, steps=args.steps, sampler=args.sampler,
                        start=args.start, repeats=args.repeats, forward_repeats=args.forward_repeats,
                        seed=args.seed, log=None if args.quiet else (lambda m: _err(f"bench: {m}")))
-    text = json.dumps(result, indent=1, default=str)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.json_out)
 
 
 # settings flags → FinetuneSettings fields (None: the kind's default)
@@ -518,12 +523,7 @@ def _bench_finetune(args, real: bool, device, height: int, width: int) -> int:
     result = benchmark_finetune(model, device=device, height=height, width=width, steps=args.finetune_steps,
                                 lora_rank=args.lora_rank, precision=args.precision, seed=args.seed,
                                 log=None if args.quiet else (lambda m: _err(f"bench: {m}")))
-    text = json.dumps(result, indent=1, default=str)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(text + "\n")
-    print(text)
-    return 0
+    return _print_json(result, args.json_out)
 
 
 def _load_model(args):

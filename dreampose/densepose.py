@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import DreamPoseError
-from .poses import prepare_frame_folder
+from .poses import prepare_frame_folder, select_range
 
 log = logging.getLogger(__name__)
 
@@ -571,11 +571,7 @@ def load_iuv_folder(folder: str, start: int = 0, count: int = 0,
     channel stays within 0..24 is I; ``iuv`` when both do)."""
     if order not in IUV_ORDERS:
         raise DreamPoseError(f"unknown IUV channel order {order!r}; use one of {IUV_ORDERS}")
-    files = list_iuv_files(folder)[start:]
-    if count > 0:
-        files = files[:count]
-    if not files:
-        raise DreamPoseError(f"{folder!r}: no IUV pictures left after skipping {start}")
+    files = select_range(list_iuv_files(folder), start, count, folder)
     pictures = [_read_png(p) for p in files]
     shapes = {p.shape for p in pictures}
     if len(shapes) != 1:

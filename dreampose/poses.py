@@ -61,6 +61,16 @@ def list_uv_files(folder: str) -> list[str]:
     return [os.path.join(folder, name) for _, name in found]
 
 
+def select_range(files: list[str], start: int, count: int, folder: str) -> list[str]:
+    """``count`` files from ``start`` (all when ``count`` ≤ 0); an empty pick is the user's error."""
+    picked = files[start:]
+    if count > 0:
+        picked = picked[:count]
+    if not picked:
+        raise DreamPoseError(f"{folder!r}: no frames left after skipping {start} of {len(files)}")
+    return picked
+
+
 def load_uv_file(path: str) -> torch.Tensor:
     """One authors'-format pose file, ``[2,H,W]``; never unpickles (``allow_pickle=False``)."""
     try:
@@ -78,11 +88,7 @@ def load_uv_folder(folder: str, start: int = 0, count: int = 0) -> torch.Tensor:
     Frames are neighbours by their position in the sorted list, so a folder numbered with a stride
     still gets real neighbours (the official code silently fell back to the centre pose there).
     """
-    files = list_uv_files(folder)[start:]
-    if count > 0:
-        files = files[:count]
-    if not files:
-        raise DreamPoseError(f"{folder!r}: no pose frames left after skipping {start}")
+    files = select_range(list_uv_files(folder), start, count, folder)
     frames = [load_uv_file(p) for p in files]
     shapes = {tuple(f.shape) for f in frames}
     if len(shapes) != 1:
