@@ -1,7 +1,9 @@
 """Frame sampling on diffusers schedulers: start latents, the denoising loop, decoding.
 
 Frames are generated in chunks that share one UNet call per step (see ``guidance.py``). Each
-chunk gets a fresh scheduler, so a multistep sampler's history never mixes chunks. Every random
+chunk gets a fresh scheduler, so a multistep sampler's history never mixes chunks.
+``generate_frames`` streams: it denoises a chunk, decodes it and hands it over before the next
+chunk starts, so working memory stays flat however long the video (only the caller's output grows). Every random
 draw comes from an explicit CPU ``torch.Generator``, so a seed gives the same video on any device.
 """
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
@@ -94,6 +96,67 @@ def check_latents(latents: torch.Tensor, poses: PoseWindows) -> torch.Tensor:
     return latents.float().expand(len(poses), -1, -1, -1)
 
 
+def _check_run(steps: int, frames_per_batch: int, poses: PoseWindows) -> None:
+    if steps < 1:
+        raise DreamPoseError(f"steps must be at least 1, got {steps}")
+    if frames_per_batch < 1:
+        raise DreamPoseError(f"frames per UNet call must be at least 1, got {frames_per_batch}")
+    if len(poses) == 0:
+        raise DreamPoseError("no poses: give at least one DensePose frame")
+
+
+@torch.no_grad()
+def denoise_chunks(unet, vae, cond: ImageCondition, poses: PoseWindows, *, steps: int = 100, sampler: str = "pndm",
+                   s_image: float = 8.0, s_pose: float = 3.0, generator: torch.Generator | None = None,
+                   start: str = "official", latents: torch.Tensor | None = None, frames_per_batch: int = 4,
+                   scheduler_config: dict | None = None,
+                   callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                   stats: SampleStats | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield ``(frames, latents)`` per chunk of ``frames_per_batch`` frames as soon as it is denoised
+    (float32 on the UNet's device). Arguments as :func:`sample`. x_T is kept as one shared latent
+    (or the injected tensor), never as a per-frame copy, so memory does not grow with the frame count.
+    """
+    _check_run(steps, frames_per_batch, poses)
+    device = next(unet.parameters()).device
+    scheduler = make_scheduler(sampler, scheduler_config)
+    scheduler.set_timesteps(steps, device=device)
+    total = len(poses)
+    if latents is None:
+        x_start = start_latents(vae, cond, scheduler, 1, poses.height, poses.width,
+                                start=start, generator=generator, device=device)
+    else:
+        x_start = check_latents(latents, poses)[:latents.shape[0]].to(device)
+    if stats is not None:
+        stats.init_latents = x_start.expand(total, -1, -1, -1)
+    cond_dev = cond.to(device)
+    steps_total = len(scheduler.timesteps) * -(-total // frames_per_batch)
+    done = 0
+    for first in range(0, total, frames_per_batch):
+        frames = slice(first, min(first + frames_per_batch, total))
+        denoiser = DualCFGDenoiser(unet, cond_dev.cond, cond_dev.uncond, poses.windows(frames).to(device),
+                                   s_image, s_pose)
+        chunk_sched = make_scheduler(sampler, scheduler_config)
+        chunk_sched.set_timesteps(steps, device=device)
+        if x_start.shape[0] == 1:
+            x = x_start.expand(frames.stop - frames.start, -1, -1, -1).clone()
+        else:
+            x = x_start[frames].clone()
+        extra = {"generator": generator} if sampler == "euler_a" else {}
+        for t in chunk_sched.timesteps:
+            eps = denoiser(chunk_sched.scale_model_input(x, t), t)
+            x = chunk_sched.step(eps, t, x, **extra).prev_sample
+            done += 1
+            if callback is not None:
+                callback(done, steps_total, x)
+        if stats is not None:
+            stats.unet_calls += denoiser.calls
+            stats.unet_batch = max(stats.unet_batch, 3 * denoiser.frames)
+        del denoiser, chunk_sched
+        yield frames, x
+    if stats is not None:
+        stats.frames += total
+
+
 @torch.no_grad()
 def sample(unet, vae, cond: ImageCondition, poses: PoseWindows, *, steps: int = 100, sampler: str = "pndm",
            s_image: float = 8.0, s_pose: float = 3.0, generator: torch.Generator | None = None,
@@ -106,48 +169,61 @@ def sample(unet, vae, cond: ImageCondition, poses: PoseWindows, *, steps: int = 
     ``latents`` injects x_T (``[1|F,4,h,w]``) instead of computing it. ``callback(done, total,
     chunk_latents)`` runs after every step; raising from it cancels the run (ComfyUI's interrupt).
     """
-    if steps < 1:
-        raise DreamPoseError(f"steps must be at least 1, got {steps}")
-    if frames_per_batch < 1:
-        raise DreamPoseError(f"frames per UNet call must be at least 1, got {frames_per_batch}")
-    if len(poses) == 0:
-        raise DreamPoseError("no poses: give at least one DensePose frame")
-    device = next(unet.parameters()).device
-    scheduler = make_scheduler(sampler, scheduler_config)
-    scheduler.set_timesteps(steps, device=device)
-    total = len(poses)
-    if latents is None:
-        x_all = start_latents(vae, cond, scheduler, total, poses.height, poses.width,
-                              start=start, generator=generator, device=device)
-    else:
-        x_all = check_latents(latents, poses).to(device)
-    if stats is not None:
-        stats.init_latents = x_all
-    cond_dev = cond.to(device)
-    out = torch.empty_like(x_all)
-    steps_total = len(scheduler.timesteps) * -(-total // frames_per_batch)
-    done = 0
-    for first in range(0, total, frames_per_batch):
-        frames = slice(first, min(first + frames_per_batch, total))
-        denoiser = DualCFGDenoiser(unet, cond_dev.cond, cond_dev.uncond, poses.windows(frames).to(device),
-                                   s_image, s_pose)
-        chunk_sched = make_scheduler(sampler, scheduler_config)
-        chunk_sched.set_timesteps(steps, device=device)
-        x = x_all[frames].clone()
-        extra = {"generator": generator} if sampler == "euler_a" else {}
-        for t in chunk_sched.timesteps:
-            eps = denoiser(chunk_sched.scale_model_input(x, t), t)
-            x = chunk_sched.step(eps, t, x, **extra).prev_sample
-            done += 1
-            if callback is not None:
-                callback(done, steps_total, x)
+    out = None
+    for frames, x in denoise_chunks(unet, vae, cond, poses, steps=steps, sampler=sampler, s_image=s_image,
+                                    s_pose=s_pose, generator=generator, start=start, latents=latents,
+                                    frames_per_batch=frames_per_batch, scheduler_config=scheduler_config,
+                                    callback=callback, stats=stats):
+        if out is None:
+            out = x.new_empty((len(poses), *x.shape[1:]))
         out[frames] = x
-        if stats is not None:
-            stats.unet_calls += denoiser.calls
-            stats.unet_batch = max(stats.unet_batch, 3 * denoiser.frames)
-    if stats is not None:
-        stats.frames += total
     return out
+
+
+def decode_batch(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``[n,4,h,w]`` (SD-scaled) → frames ``[n,H,W,3]`` float 0..1, on the VAE's device."""
+    param = next(vae.parameters())
+    z = latents.to(param.device, param.dtype) / VAE_SCALE
+    return (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def generate_frames(unet, vae, cond: ImageCondition, poses: PoseWindows, *, steps: int = 100,
+                    sampler: str = "pndm", s_image: float = 8.0, s_pose: float = 3.0,
+                    generator: torch.Generator | None = None, start: str = "official",
+                    latents: torch.Tensor | None = None, frames_per_batch: int = 4,
+                    scheduler_config: dict | None = None,
+                    callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                    stats: SampleStats | None = None
+                    ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Stream the video: per chunk, denoise, decode, and yield ``(frames, latents, images)`` —
+    latents ``[n,4,h,w]`` float32 and images ``[n,H,W,3]`` 0..1 float32, both on the CPU — before the
+    next chunk starts. The caller writes them into its output; nothing of the chunk is kept here, so
+    memory stays flat with the sequence length. Same frames, bit for bit, as :func:`sample` then
+    :func:`decode_latents` with ``batch_size=frames_per_batch`` (and no stretch: see
+    :func:`stretch_frames`)."""
+    for frames, x in denoise_chunks(unet, vae, cond, poses, steps=steps, sampler=sampler, s_image=s_image,
+                                    s_pose=s_pose, generator=generator, start=start, latents=latents,
+                                    frames_per_batch=frames_per_batch, scheduler_config=scheduler_config,
+                                    callback=callback, stats=stats):
+        images = decode_batch(vae, x).cpu()
+        yield frames, x.cpu(), images
+        del x, images
+
+
+def stretch_frames(video: torch.Tensor, stretch: str) -> torch.Tensor:
+    """The contrast stretch of :func:`decode_latents`, in place on ``video`` ``[F,H,W,3]`` (no copy of
+    the clip) and returned."""
+    if stretch not in STRETCH_MODES:
+        raise DreamPoseError(f"unknown stretch {stretch!r}; use one of {STRETCH_MODES}")
+    if stretch == "per_frame":
+        for frame in video:
+            lo, hi = frame.min(), frame.max()
+            frame.sub_(lo).div_((hi - lo).clamp_min(1e-8))
+    elif stretch == "sequence":
+        lo, hi = video.min(), video.max()
+        video.sub_(lo).div_((hi - lo).clamp_min(1e-8))
+    return video
 
 
 @torch.no_grad()
@@ -160,19 +236,12 @@ def decode_latents(vae, latents: torch.Tensor, *, batch_size: int = 4, stretch: 
     """
     if stretch not in STRETCH_MODES:
         raise DreamPoseError(f"unknown stretch {stretch!r}; use one of {STRETCH_MODES}")
-    param = next(vae.parameters())
-    frames = []
+    video = None
     for i in range(0, latents.shape[0], batch_size):
-        z = latents[i:i + batch_size].to(param.device, param.dtype) / VAE_SCALE
-        img = (vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
-        frames.append(img.permute(0, 2, 3, 1).cpu())
+        img = decode_batch(vae, latents[i:i + batch_size]).cpu()
+        if video is None:
+            video = img.new_empty((latents.shape[0], *img.shape[1:]))
+        video[i:i + img.shape[0]] = img
         if callback is not None:
             callback(min(i + batch_size, latents.shape[0]), latents.shape[0])
-    video = torch.cat(frames)
-    if stretch == "per_frame":
-        lo = video.amin(dim=(1, 2, 3), keepdim=True)
-        hi = video.amax(dim=(1, 2, 3), keepdim=True)
-        video = (video - lo) / (hi - lo).clamp_min(1e-8)
-    elif stretch == "sequence":
-        video = (video - video.min()) / (video.max() - video.min()).clamp_min(1e-8)
-    return video
+    return stretch_frames(video, stretch)

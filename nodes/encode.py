@@ -58,7 +58,8 @@ class CLIPVAEAdapterEncode(io.ComfyNode):
         key = key_frame_from_image(image)  # before any weights move
         unet_dt, vae_dt, clip_dt = dev.model_dtypes(model)
         extra = dev.working_memory(1, COND_HEIGHT, COND_WIDTH, vae_dt)
-        with dev.borrowed([(model.clip, clip_dt), (model.vae, vae_dt), (model.adapter, unet_dt)], extra):
+        with dev.borrowed([(model.clip, clip_dt), (model.vae, vae_dt), (model.adapter, unet_dt)], extra,
+                          owner=model):
             cond = encode_image_condition(key, model.clip, model.vae, model.adapter, convention=model.convention,
                                           latent_mode=conditioning_latent,
                                           generator=torch.Generator("cpu").manual_seed(seed))

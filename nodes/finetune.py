@@ -1,9 +1,9 @@
 """SubjectFinetune and VAEDecoderFinetune: teach DreamPose one person from a few photos.
 
 Both nodes are thin: they turn ComfyUI types into the library's, leave ComfyUI's inference mode
-(``torch.inference_mode(False)``, inputs cloned), borrow the GPU through ``device.borrowed`` (the
-input model always goes back to the offload device), tick a ProgressBar every step with the loss as
-the node's progress text, and check Cancel every step. The trained weights are saved atomically to
+(``torch.inference_mode(False)``, inputs cloned), load the input model's frozen networks through
+ComfyUI's model management (``device.borrowed``; the host offloads them when it needs the room),
+tick a ProgressBar every step with the loss as the node's progress text, and check Cancel every step. The trained weights are saved atomically to
 ``models/dreampose/subjects/<name>.safetensors``; before training, a saved finetune with the same
 cache key (same model, photos, poses and settings) is loaded instead and no step is trained.
 """
@@ -188,7 +188,7 @@ def _run(kind: str, what: str, model, photos: torch.Tensor, uv: torch.Tensor | N
         return io.NodeOutput(new)
     path = _target(filename, kind)
     progress = _Progress(what, settings.steps)
-    with dev.borrowed(frozen, TRAINING_MEMORY) as device:
+    with dev.borrowed(frozen, TRAINING_MEMORY, owner=model) as device:
         new = train(device, progress)
     _to_offload(new)
     saved = ft.save_subject(new, path, kind=kind, settings=settings, cache_key=key, base=model,

@@ -10,8 +10,9 @@ from comfy_api.latest import io
 
 from ..dreampose.conditioning import VAE_SCALE, ImageCondition
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample
+from ..dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, generate_frames, stretch_frames
 from . import device as dev
+from . import preview
 from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_windows
 
 
@@ -81,28 +82,38 @@ class DualCFGSampler(io.ComfyNode):
         windows = require_windows(poses)
         cond = check_cond(model, cond)
         unet_dt, vae_dt, _ = dev.model_dtypes(model)
-        decode_batches = math.ceil(len(windows) / frames_per_batch)
+        chunks = math.ceil(len(windows) / frames_per_batch)
         pbar = comfy.utils.ProgressBar(1)
-        sampling_total = [0]
+        previewer = preview.ChunkPreviewer()
+        decoded = [0]
+        last = [0, 1]  # steps done, steps total
 
-        def on_step(done: int, total: int, _latents) -> None:
-            sampling_total[0] = total
-            pbar.update_absolute(done, total + decode_batches)
+        def ticks_total() -> int:
+            return last[1] + chunks  # every step, and one tick per decoded chunk
+
+        def on_step(done: int, total: int, chunk_latents) -> None:
+            last[:] = [done, total]
+            pbar.update_absolute(done + decoded[0], ticks_total(), previewer(chunk_latents))
             mm.throw_exception_if_processing_interrupted()  # also where no progress hook checks it
 
-        def on_decode(done: int, total: int) -> None:
-            pbar.update_absolute(sampling_total[0] + math.ceil(done / frames_per_batch),
-                                 sampling_total[0] + decode_batches)
-            mm.throw_exception_if_processing_interrupted()
-
-        batch = 3 * min(frames_per_batch, len(windows))
-        extra = dev.working_memory(batch, windows.height, windows.width, unet_dt)
-        with dev.borrowed([(model.unet, unet_dt), (model.vae, vae_dt)], extra):
-            latents = sample(model.unet, model.vae, cond, windows, steps=steps, sampler=sampler, s_image=s_image,
-                             s_pose=s_pose, generator=torch.Generator("cpu").manual_seed(seed), start=start,
-                             frames_per_batch=frames_per_batch, scheduler_config=model.scheduler_config,
-                             callback=on_step)
-            frames = decode_latents(model.vae, latents, batch_size=frames_per_batch, stretch=stretch,
-                                    callback=on_decode)
+        # The output is allocated once; each chunk is denoised, decoded and written into it before the
+        # next starts, so memory beyond the output does not grow with the number of frames.
         out = mm.intermediate_device()
-        return io.NodeOutput(frames.to(out), {"samples": (latents.float() / VAE_SCALE).to(out)})
+        h, w = windows.height, windows.width
+        frames = torch.empty((len(windows), h, w, 3), dtype=torch.float32, device=out)
+        latents = torch.empty((len(windows), 4, h // 8, w // 8), dtype=torch.float32, device=out)
+        batch = 3 * min(frames_per_batch, len(windows))
+        extra = dev.working_memory(batch, h, w, unet_dt)
+        with dev.borrowed([(model.unet, unet_dt), (model.vae, vae_dt)], extra, owner=model):
+            for span, chunk_latents, images in generate_frames(
+                    model.unet, model.vae, cond, windows, steps=steps, sampler=sampler, s_image=s_image,
+                    s_pose=s_pose, generator=torch.Generator("cpu").manual_seed(seed), start=start,
+                    frames_per_batch=frames_per_batch, scheduler_config=model.scheduler_config,
+                    callback=on_step):
+                frames[span] = images
+                latents[span] = chunk_latents / VAE_SCALE
+                del images, chunk_latents
+                decoded[0] += 1
+                pbar.update_absolute(last[0] + decoded[0], ticks_total())
+                mm.throw_exception_if_processing_interrupted()
+        return io.NodeOutput(stretch_frames(frames, stretch), {"samples": latents})
