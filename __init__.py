@@ -6,6 +6,11 @@ weights. Outside ComfyUI (pytest collects the repository root as a package) impo
 """
 import importlib.util
 
+# web/docs/<NodeId>.md: the frontend's node help pages, fetched from /extensions/<this folder's name>/docs/.
+# WEB_DIRECTORY (not [tool.comfy] web, which ComfyUI serves under the pyproject name "dreampose") is
+# registered under the folder name that the frontend derives from python_module.
+WEB_DIRECTORY = "./web"
+
 if importlib.util.find_spec("comfy_api") is not None:
     from .nodes.folders import register_model_folders
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import time
 
 import pytest
 import torch
@@ -60,7 +59,6 @@ def run(model, cond, uv, frames: int) -> tuple[int, float]:
     def probe(*_):
         peak[0] = max(peak[0], rss())
 
-    t0 = time.perf_counter()
     trim()
     base = rss()
     with torch.inference_mode():
@@ -70,7 +68,7 @@ def run(model, cond, uv, frames: int) -> tuple[int, float]:
             video[span] = images
             latents[span] = z
             probe()
-    return peak[0] - base, time.perf_counter() - t0
+    return peak[0] - base
 
 
 def test_generate_frames_equals_sample_then_decode(setup):
@@ -90,9 +88,8 @@ def test_generate_frames_equals_sample_then_decode(setup):
 def test_memory_flat_with_length(setup):
     model, cond, uv = setup
     run(model, cond, uv, 8)  # warm up allocator, thread pools, kernels
-    short, t_short = run(model, cond, uv, 60)
-    long, t_long = run(model, cond, uv, 240)
+    short = run(model, cond, uv, 60)
+    long = run(model, cond, uv, 240)
     # beyond the output, 240 frames must not need more than 60 did (allocator noise is ~1.5 MB here);
     # sampling everything, then decoding into a second clip-sized tensor grows by ~9 MB from 60 to 240
     assert long - short < 4 * 2**20, (short, long)
-    assert t_long < 45, t_long
