@@ -498,7 +498,7 @@ def finetune_subject(model, images, uv, settings: FinetuneSettings | None = None
                                  settings.precision)
 
         _optimise(params, settings, device, step_loss, callback)
-        del data
+        data = None  # drop the encoded photos (also held by step_loss) before assembling the result
         adapter = adapter.eval().requires_grad_(False)
         torch.nn.Module.to(adapter, device=ad_device, dtype=ad_dtype)
         if settings.lora_rank:

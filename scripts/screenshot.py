@@ -4,7 +4,7 @@ protocol over a loopback WebSocket; aiohttp only). Used by scripts/screenshot.sh
 
   screenshot.py --server http://127.0.0.1:PORT --chromium /usr/bin/chromium WORKFLOW OUT.png [--size 1600x900]
 """
-import argparse, asyncio, base64, json, os, shutil, subprocess, tempfile, time
+import argparse, asyncio, base64, json, shutil, subprocess, tempfile
 
 import aiohttp
 
