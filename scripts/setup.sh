@@ -7,4 +7,4 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -c <(echo "$TORCH_SPEC") -r requirements.txt pytest
+.venv/bin/python -m pip install -q -c <(echo "$TORCH_SPEC") -r requirements.txt pytest ruff

@@ -63,3 +63,11 @@ def test_readme_first_screen_gives_the_two_commands_ci_runs():
     assert any("scripts/setup.sh" in line and "dreampose demo" in line for line in readme)
     assert any(line.strip() == "bash scripts/test.sh" for line in readme)
     assert "bash scripts/test.sh" in open(os.path.join(ROOT, ".ci", "run")).read()
+
+
+def test_registry_validation_rules_pass():
+    """`comfy node validate` runs ruff S102 (exec), S307 (eval), E702 (several statements on a line)."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "S102,S307,E702",
+                             "--exclude", ".venv", "--output-format", "concise", "."],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
