@@ -1,8 +1,8 @@
 """Weight and pose files are data: a file whose unpickling would run code is refused, and the code never runs.
 
 Each malicious file carries a payload that creates a marker directory when unpickled. A control
-test unpickles one the unsafe way to prove the payload is live; every loader must then refuse the
-same kind of file with a DreamPoseError and leave the marker absent.
+test unpickles the payload object in memory to prove it is live and checks that every file carries
+it; every loader must then refuse such a file with a DreamPoseError and leave the marker absent.
 """
 from __future__ import annotations
 
@@ -53,11 +53,16 @@ def marker(tmp_path) -> str:
     assert not os.path.exists(path), "the malicious payload ran"
 
 
-def test_control_the_payload_is_live(tmp_path):
+def test_control_the_payload_is_live_and_in_every_file(tmp_path):
+    """The payload really runs code when unpickled (shown in memory, never through a loader), and
+    every malicious file carries it."""
     marker = str(tmp_path / "control_marker")
-    path = write_malicious(str(tmp_path / "evil.pth"), marker, "zip")
-    torch.load(path, weights_only=False)  # the unsafe way, on purpose
+    pickle.loads(pickle.dumps(Payload(marker)))  # our own object, unpickled on purpose
     assert os.path.isdir(marker)
+    for writer in WRITERS:
+        path = write_malicious(str(tmp_path / f"evil_{writer}.pth"), str(tmp_path / "never"), writer)
+        with open(path, "rb") as f:
+            assert b"mkdir" in f.read(), writer
 
 
 @pytest.mark.parametrize("writer", WRITERS)
