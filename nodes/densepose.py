@@ -265,13 +265,7 @@ class DreamPoseLoadIUV(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder: str | None = None) -> bool | str:
-        if folder is None:  # linked (e.g. from DreamPose Save UV): checked when it runs
-            return True
-        try:
-            list_iuv_files(folders.resolve_folder(folder))
-        except DreamPoseError as exc:
-            return str(exc)
-        return True
+        return folders.check_frame_folder(folder, list_iuv_files)  # linked (e.g. from Save UV): checked at run
 
     @classmethod
     def execute(cls, folder: str, start: int, count: int, channel_order: str) -> io.NodeOutput:
@@ -283,9 +277,5 @@ class DreamPoseLoadIUV(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, folder, start, count, channel_order):
         """Reload when pictures in the folder are added, removed or rewritten."""
-        try:
-            files = list_iuv_files(folders.resolve_folder(folder))
-            return (folder, start, count, channel_order, tuple((f, os.path.getmtime(f)) for f in files))
-        except (DreamPoseError, OSError, TypeError):
-            return (folder, start, count, channel_order)
+        return folders.frame_folder_fingerprint(folder, list_iuv_files, start, count, channel_order)
 

@@ -148,6 +148,28 @@ def _not_found(what: str, name: str, folder: str) -> DreamPoseError:
     return DreamPoseError(f"{what} {name!r} not found in {where}; refresh the node list (R) or put it there")
 
 
+def check_frame_folder(folder: str | None, list_files) -> bool | str:
+    """Queue-time check of a typed frame folder (``list_files`` raises on a wrong one); a linked
+    folder (``None``) is checked when the node runs."""
+    if folder is None:
+        return True
+    try:
+        list_files(resolve_folder(folder))
+    except DreamPoseError as exc:
+        return str(exc)
+    return True
+
+
+def frame_folder_fingerprint(folder, list_files, *settings) -> tuple:
+    """What a frame-folder loader's output depends on: its settings and each file's mtime, so adding,
+    removing or rewriting a frame reloads."""
+    try:
+        files = list_files(resolve_folder(folder))
+        return (folder, *settings, tuple((f, os.path.getmtime(f)) for f in files))
+    except (DreamPoseError, OSError, TypeError):
+        return (folder, *settings)
+
+
 def resolve_dreampose_weights(name: str) -> str | None:
     if name == NONE_WEIGHTS:
         return None

@@ -1,8 +1,6 @@
 """Pose nodes: DensePose UV files → UV sequence → 5-frame windows at the output size."""
 from __future__ import annotations
 
-import os
-
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
@@ -39,13 +37,7 @@ class DreamPoseLoadUV(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, folder: str | None = None) -> bool | str:
         """Fail at queue time, before any model loads, when the folder is wrong."""
-        if folder is None:  # linked from another node: checked when it runs
-            return True
-        try:
-            list_uv_files(folders.resolve_folder(folder))
-        except DreamPoseError as exc:
-            return str(exc)
-        return True
+        return folders.check_frame_folder(folder, list_uv_files)
 
     @classmethod
     def execute(cls, folder: str, start: int, count: int) -> io.NodeOutput:
@@ -54,11 +46,7 @@ class DreamPoseLoadUV(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, folder, start, count):
         """Reload when frames in the folder are added, removed or rewritten."""
-        try:
-            files = list_uv_files(folders.resolve_folder(folder))
-            return (folder, start, count, tuple((f, os.path.getmtime(f)) for f in files))
-        except (DreamPoseError, OSError):
-            return (folder, start, count)
+        return folders.frame_folder_fingerprint(folder, list_uv_files, start, count)
 
 
 class DensePoseWindow5(io.ComfyNode):
