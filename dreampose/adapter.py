@@ -45,3 +45,15 @@ class EmbeddingAdapter(nn.Module):
         vae_tokens = self.vae2clip(pooled)
         tokens = torch.cat((clip_tokens, vae_tokens), dim=1)
         return rearrange(self.linear1(rearrange(tokens, "b t d -> b d t")), "b d t -> b t d")
+
+
+def hold_vae_tokens_at_zero(adapter) -> None:
+    """CLIP-only conditioning (paper Table 2, Ours_CLIP): zero the adapter's weights on the VAE tokens and
+    mask their gradient, so AdamW (zero gradient → zero moments → zero step; decay of 0 is 0) keeps
+    them exactly zero and the VAE path never contributes."""
+    weight = adapter.linear1.weight
+    with torch.no_grad():
+        weight[:, adapter.clip_tokens:] = 0
+    mask = torch.ones_like(weight)
+    mask[:, adapter.clip_tokens:] = 0
+    weight.register_hook(lambda grad: grad * mask)

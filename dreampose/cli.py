@@ -731,6 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lora-rank", type=_positive_int, default=4, help="rank for the lora mode (default 4)")
     f.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.set_defaults(func=cmd_bench)
+
+    from . import cli_eval, cli_prepare, cli_synth, cli_train   # one module per training/evaluation command
+    for module in (cli_synth, cli_prepare, cli_train, cli_eval):
+        module.add_parser(sub)
     return parser
 
 

@@ -57,6 +57,7 @@ from diffusers import DDPMScheduler
 from .augment import augment_pair
 from .checkpoints import read_metadata
 from .conditioning import COND_HEIGHT, COND_WIDTH, VAE_SCALE, vae_inputs
+from .adapter import hold_vae_tokens_at_zero
 from .errors import DreamPoseError
 from .images import check_image, clip_pixels, resize_u8
 from .poses import LATENT_SCALE, check_output_size, check_uv
@@ -106,12 +107,16 @@ class FinetuneSettings:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0   # 0: no clipping
     decoder_range: str = "minus1_1"  # VAE decoder target range; "0_1" = the authors' (washed-out) targets
+    clip_only: bool = False      # keep the adapter's VAE-token weights frozen (the paper's CLIP-only ablation)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def cache_fields(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in _NOT_IN_CACHE_KEY}
+        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_CACHE_KEY}
+        if not self.clip_only:   # added later: leave the keys of subjects saved before it unchanged
+            del fields["clip_only"]
+        return fields
 
     @property
     def effective_lora_alpha(self) -> float:
@@ -487,6 +492,8 @@ def finetune_subject(model, images, uv, settings: FinetuneSettings | None = None
             unet.requires_grad_(True)
             params = list(unet.parameters())
         params += list(adapter.parameters())
+        if settings.clip_only:
+            hold_vae_tokens_at_zero(adapter)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         scheduler = _noise_scheduler(model)

@@ -241,17 +241,21 @@ def load_clip_vision(path: str, config: dict | None = None) -> CLIPVisionModel:
     else:
         cfg, weights = config, path
     cfg = cfg or shipped_config("clip_vit_b32_vision")  # shapes are still checked strictly against the file
-    if "vision_config" in cfg:  # a full CLIPModel config
-        cfg = cfg["vision_config"]
-    raw = read_state_dict(weights, "CLIP vision weights")
+    return clip_from_state(read_state_dict(weights, "CLIP vision weights"), cfg, weights)
+
+
+def clip_from_state(raw: dict[str, torch.Tensor], cfg: dict, source: str) -> CLIPVisionModel:
+    """A CLIP vision tower from weights in either key layout and its config (strict load)."""
     state = normalise_clip_keys(raw)
     if not any(k.startswith("embeddings.") for k in state):
-        raise DreamPoseError(f"{weights}: no CLIP vision weights (keys 'vision_model.*' or 'embeddings.*'), it "
+        raise DreamPoseError(f"{source}: no CLIP vision weights (keys 'vision_model.*' or 'embeddings.*'), it "
                              f"looks like {looks_like(raw)}; give the openai/clip-vit-base-patch32 model")
+    if "vision_config" in cfg:  # a full CLIPModel config
+        cfg = cfg["vision_config"]
     vision_config = CLIPVisionConfig(**_clean_config(cfg))
     if _clip_keys_have_prefix():  # transformers 4 layout
         state = {f"vision_model.{k}": v for k, v in state.items()}
-    return instantiate(lambda: CLIPVisionModel(vision_config), state, "CLIP vision model (ViT-B/32)", weights)
+    return instantiate(lambda: CLIPVisionModel(vision_config), state, "CLIP vision model (ViT-B/32)", source)
 
 
 def load_adapter_state(state: dict[str, torch.Tensor], source: str) -> EmbeddingAdapter:

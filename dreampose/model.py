@@ -21,8 +21,9 @@ from .checkpoints import (atomic_save_safetensors, format_metadata, guess_kind, 
                           read_state_dict, require_file, split_prefix)
 from .conditioning import check_convention
 from .errors import DreamPoseError
-from .loading import (instantiate, load_adapter_state, load_authors_adapter, load_authors_unet,
-                      load_base_unet, load_clip_vision, load_vae, looks_like, read_config, shipped_config)
+from .loading import (clip_from_state, instantiate, load_adapter_state, load_authors_adapter, load_authors_unet,
+                      load_base_unet, load_clip_vision, load_vae, looks_like, normalise_clip_keys, read_config,
+                      shipped_config)
 from .sampling import default_scheduler_config
 from .unet import UNET_IN_CHANNELS, expand_conv_in, unet_config_with_pose
 
@@ -75,8 +76,13 @@ class DreamPoseModel:
                            convention=self.convention, scheduler_config=self.scheduler_config, **meta)
 
 
-def save_bundle(path: str, unet, adapter: EmbeddingAdapter, vae=None, **meta) -> str:
-    """Write networks in our format atomically; their configs go into the metadata."""
+def save_bundle(path: str, unet, adapter: EmbeddingAdapter, vae=None, clip=None, dtype: torch.dtype | None = None,
+                **meta) -> str:
+    """Write networks in our format atomically; their configs go into the metadata.
+
+    ``clip`` embeds the CLIP vision tower too (a self-contained file, e.g. the shipped demo model);
+    ``dtype`` stores floating tensors in that dtype (fp16 halves the file).
+    """
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
     tensors.update({f"adapter.{k}": v for k, v in adapter.state_dict().items()})
     configs = {"unet_config": dict(unet.config),
@@ -85,8 +91,35 @@ def save_bundle(path: str, unet, adapter: EmbeddingAdapter, vae=None, **meta) ->
     if vae is not None:
         tensors.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
         configs["vae_config"] = dict(vae.config)
+    if clip is not None:
+        tensors.update({f"clip.{k}": v for k, v in normalise_clip_keys(clip.state_dict()).items()})
+        configs["clip_config"] = {k: v for k, v in clip.config.to_dict().items()
+                                  if k in _CLIP_CONFIG_KEYS}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = format_metadata(**configs, **meta)
     return atomic_save_safetensors(tensors, path, json.loads(json.dumps(metadata, default=_jsonable)))
+
+
+_CLIP_CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                     "patch_size", "projection_dim", "hidden_act", "layer_norm_eps", "num_channels")
+
+
+def bundle_has_clip(path: str | None) -> bool:
+    """Whether a DreamPose file carries its own CLIP vision tower (then no separate CLIP is needed)."""
+    if not path or os.path.isdir(path) or not path.lower().endswith((".safetensors", ".sft")) \
+            or not os.path.isfile(path):
+        return False
+    return "clip_config" in read_metadata(path)
+
+
+def load_bundle_clip(path: str) -> CLIPVisionModel:
+    """The CLIP vision tower embedded in a DreamPose file."""
+    meta = read_metadata(path)
+    cfg = _meta_json(meta, "clip_config", path)
+    if cfg is None:
+        raise DreamPoseError(f"{path}: carries no CLIP vision model; give CLIP ViT-B/32 separately")
+    return clip_from_state(split_prefix(read_state_dict(path), "clip."), cfg, path)
 
 
 def _jsonable(value):
@@ -182,7 +215,7 @@ def load_dreampose_file(path: str, unet_config: dict | None = None):
 
 def _check_paths(clip, dreampose, base, vae, adapter) -> None:
     """Every given path exists (and CLIP is given): a typo is reported before anything is read."""
-    if not clip:
+    if not clip and not bundle_has_clip(dreampose):
         raise DreamPoseError("no CLIP vision model given: DreamPose needs CLIP ViT-B/32 (models/clip_vision)")
     _check_exists(clip, "CLIP vision model", "Put CLIP ViT-B/32 in models/clip_vision.")
     _check_exists(dreampose, "DreamPose weights", "Put them in models/dreampose.")
@@ -264,7 +297,7 @@ def _base_scheduler_config(base: str | None) -> dict | None:
     return read_config(path) if path and os.path.isfile(path) else None
 
 
-def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None = None, vae: str | None = None,
+def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, base: str | None = None, vae: str | None = None,
                    adapter: str | None = None, convention: str | None = None, unet_config: dict | None = None,
                    vae_config: dict | None = None, clip_config: dict | None = None,
                    subject=None) -> DreamPoseModel:
@@ -275,13 +308,14 @@ def load_dreampose(*, clip: str, dreampose: str | None = None, base: str | None 
     ``vae``: a VAE file/folder (e.g. the authors' ``vae_N.pth``); otherwise the DreamPose file's own
     VAE, otherwise ``base``'s. ``convention``: ``None`` takes the checkpoint's (authors' → official).
     Scheduler: the one saved in our file, else ``base``'s ``scheduler/``, else SD 1.x's PNDM.
+    ``clip``: may be left out when our file embeds its own CLIP (``save_bundle(clip=...)``).
     ``subject``: one or more saved subject finetunes (full or LoRA UNet+adapter, VAE decoder),
     applied in order on top (``finetune.apply_subject``).
     """
     subjects = _subject_list(subject)
     ours, adapter = _resolve(clip, dreampose, base, vae, adapter, convention, subjects)
     info = {"dreampose": dreampose, "base": base, "clip": clip, "vae": vae, "adapter": adapter}
-    clip_model = load_clip_vision(clip, clip_config)
+    clip_model = load_clip_vision(clip, clip_config) if clip else load_bundle_clip(dreampose)
     file_vae, file_scheduler = None, None
     if ours:
         unet, ad, file_vae, meta = load_dreampose_file(dreampose, unet_config)

@@ -109,6 +109,20 @@ def test_subject_finetune_learns_and_changes_only_unet_and_adapter(base, photo, 
     assert new.info["finetune"]["mode"] == "full" and new.convention == base.convention
 
 
+def test_clip_only_finetune_keeps_the_vae_tokens_at_exactly_zero(base, photo, pose):
+    """The paper's Ours_CLIP row: a CLIP-only model must not learn a VAE path during its subject finetune."""
+    tokens = base.adapter.clip_tokens
+    assert base.adapter.linear1.weight[:, tokens:].abs().max() > 0     # the tiny model starts with a VAE path
+    clip_only = ft.finetune_subject(base, photo, pose, fast(steps=5, clip_only=True))
+    both = ft.finetune_subject(base, photo, pose, fast(steps=5))
+    w = clip_only.adapter.linear1.weight
+    assert torch.equal(w[:, tokens:], torch.zeros_like(w[:, tokens:]))
+    assert not torch.equal(w[:, :tokens], base.adapter.linear1.weight[:, :tokens])   # the CLIP side still learns
+    assert both.adapter.linear1.weight[:, tokens:].abs().max() > 0
+    assert ft.subject_cache_key is not None and "clip_only" not in fast().cache_fields()   # old keys unchanged
+    assert fast(clip_only=True).cache_fields()["clip_only"] is True
+
+
 def test_vae_decoder_finetune_learns_and_changes_the_decoder_only(base, photo):
     before = {name: snapshot(getattr(base, name)) for name in ("unet", "adapter", "vae", "clip")}
     settings = fast_vae(steps=30)

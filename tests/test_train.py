@@ -1,0 +1,350 @@
+"""Stage-1 training (`python -m dreampose train`) on tiny models and a tiny prepared dataset.
+
+Three videos of five 72×56 frames with 36×28 DensePose UV (so the target resize and the pose
+resize both do work) train at 64×64 (latent 8×8); the condition still runs at 640×512, as the
+adapter requires. Every in-process run takes a second or two on 2 CPU cores; the two-process runs
+(gloo, through torchrun) take about ten seconds each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dreampose import cli
+from dreampose import train as tr
+from dreampose.checkpoints import read_metadata
+from dreampose.conditioning import VAE_SCALE
+from dreampose.dataset import (
+    find_videos,
+    frame_file_name,
+    load_frame,
+    load_pose,
+    write_marker,
+)
+from dreampose.errors import DreamPoseError
+from dreampose.images import clip_pixels, resize_u8
+from dreampose.model import load_dreampose
+from dreampose.poses import make_pose_windows, uv_file_name
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIDEOS, FRAMES = 3, 5
+
+
+@pytest.fixture(scope="module")
+def videos_root(tmp_path_factory) -> str:
+    """3 prepared videos × 5 frames: random RGB 72×56 frames, UV 36×28 with a zero background band."""
+    root = str(tmp_path_factory.mktemp("prepared"))
+    rng = np.random.default_rng(0)
+    for v in range(VIDEOS):
+        folder = os.path.join(root, f"clip_{v}")
+        os.makedirs(folder)
+        for n in range(FRAMES):
+            Image.fromarray(rng.integers(0, 256, (72, 56, 3), dtype=np.uint8)).save(
+                os.path.join(folder, frame_file_name(n)))
+            uv = rng.random((2, 36, 28)).astype(np.float32)
+            uv[:, :6] = 0
+            np.save(os.path.join(folder, uv_file_name(n)), uv, allow_pickle=False)
+        write_marker(folder, frames=FRAMES)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """accelerate's settings are process-wide: every test gets a clean slate. One thread: these
+    networks are too small to gain from more, and on a shared 2-core machine spinning OpenMP
+    threads made the runs ten times slower."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **kw) -> tr.TrainConfig:
+    base = {"data": [videos_root], "out": str(out), "base": tiny_sd_folder, "clip": tiny_clip_folder, "steps": 2,
+            "batch_size": 4, "micro_batch": 2, "lr": 1e-3, "height": 64, "width": 64, "cpu": True,
+            "cache_conditioning": True, "save_every": 100, "log_every": 1, "workers": 0}
+    return tr.TrainConfig(**{**base, **kw})
+
+
+def run(cfg: tr.TrainConfig) -> tr.TrainResult:
+    return tr.train(cfg, log=lambda _: None, progress=False)
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def state_of(model) -> dict[str, torch.Tensor]:
+    out = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    out.update({f"adapter.{k}": v for k, v in model.adapter.state_dict().items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+def test_grad_accumulation_is_computed_and_must_divide():
+    assert tr.grad_accumulation(16, 2, 1) == 8
+    assert tr.grad_accumulation(16, 2, 2) == 4
+    assert tr.grad_accumulation(16, 2, 8) == 1
+    with pytest.raises(DreamPoseError, match=r"--batch-size 16 is not a multiple of --micro-batch 3 × 1"):
+        tr.grad_accumulation(16, 3, 1)
+    with pytest.raises(DreamPoseError, match=r"micro-batch 2 × 3 process"):
+        tr.grad_accumulation(16, 2, 3)
+
+
+def test_config_problems_are_reported_before_any_work(tmp_path):
+    bad = tr.TrainConfig(data=[str(tmp_path)], out=str(tmp_path / "o"), clip=None, base=None, height=100,
+                         pose_window=3, conditioning="vae", dropout=1.5)
+    with pytest.raises(DreamPoseError) as exc:
+        tr.check_config(bad)
+    text = str(exc.value)
+    for words in ("--clip is required", "give --base", "pose_window must be 5", "conditioning must be one of",
+                  "dropout must be in", "multiples of 64"):
+        assert words in text
+
+
+def test_cli_rejects_an_uneven_batch_before_loading(videos_root, tmp_path, capsys):
+    code = cli.main(["train", "--data", videos_root, "--out", str(tmp_path / "o"), "--base", str(tmp_path),
+                     "--clip", str(tmp_path), "--batch-size", "5", "--micro-batch", "2", "--cpu"])
+    assert code == 2
+    assert "--batch-size 5 is not a multiple of --micro-batch 2" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_draws_are_keyed_by_seed_step_micro_rank():
+    frames = tr.FrameIndex([5, 1, 3])
+    cfg = tr.TrainConfig(data=["x"], out="y", micro_batch=3, height=64, width=64)
+    a = tr.draw_micro_batch(frames, cfg, 7, 1, 0)
+    b = tr.draw_micro_batch(frames, cfg, 7, 1, 0)
+    assert a.samples == b.samples and torch.equal(a.noise, b.noise) and torch.equal(a.timesteps, b.timesteps)
+    for other in (tr.draw_micro_batch(frames, cfg, 7, 1, 1), tr.draw_micro_batch(frames, cfg, 7, 2, 0),
+                  tr.draw_micro_batch(frames, cfg, 8, 1, 0)):
+        assert not torch.equal(a.noise, other.noise)
+    assert a.target_noise.shape == (3, 4, 8, 8) and a.cond_noise.shape == (3, 4, 80, 64)
+    for key in range(300):
+        for v, j, i in tr.draw_samples(frames, tr.step_generator(0, key, 0, 0), 4, 0.15).samples:
+            assert 0 <= j < frames.counts[v] and 0 <= i < frames.counts[v]
+            assert (i == j) == (frames.counts[v] == 1)   # another frame of the same video when there is one
+    assert [frames.locate(g) for g in (0, 4, 5, 6, 8)] == [(0, 0), (0, 4), (1, 0), (2, 0), (2, 2)]
+
+
+def test_dropout_is_per_sample_five_five_five():
+    frames = tr.FrameIndex([FRAMES] * VIDEOS)
+    counts = {"image": 0, "pose": 0, "both": 0, "none": 0}
+    n = 0
+    mixed_batches = 0
+    for key in range(6000):
+        d = tr.draw_samples(frames, tr.step_generator(3, key, 0, 0), 5, 0.15)
+        flags = list(zip(d.drop_image.tolist(), d.drop_pose.tolist()))
+        mixed_batches += len(set(flags)) > 1
+        for image, pose in flags:
+            counts["both" if image and pose else "image" if image else "pose" if pose else "none"] += 1
+            n += 1
+    for kind in ("image", "pose", "both"):   # 30000 samples: σ ≈ 0.0013, the bound is ±6σ
+        assert abs(counts[kind] / n - 0.05) < 0.008, counts
+    assert mixed_batches > 1000   # decided per sample, not per batch
+    assert tr.dropout_flags(0.0, 0.15) == (False, True) and tr.dropout_flags(0.06, 0.15) == (True, False)
+    assert tr.dropout_flags(0.11, 0.15) == (True, True) and tr.dropout_flags(0.15, 0.15) == (False, False)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+@pytest.mark.parametrize("pose_window", [5, 1])
+def test_batch_matches_what_the_sampler_builds(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder, pose_window):
+    cfg = config(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder, pose_window=pose_window, micro_batch=4)
+    model = tr.load_training_model(cfg)
+    videos = find_videos([videos_root])
+    draws = tr.draw_micro_batch(tr.FrameIndex([len(v) for v in videos]), cfg, 0, 0, 0)
+    draws.samples = [(0, 0, 3), (1, 2, 1), (2, 4, 0), (1, 3, 3)]
+    draws.drop_image = torch.tensor([False, True, False, True])
+    draws.drop_pose = torch.tensor([False, False, True, True])
+    data = tr.TrainData(videos, model.vae, model.clip, cfg, "cpu", cache=False)
+    batch = data.batch(draws)
+    with torch.no_grad():
+        black = clip_pixels(torch.zeros(1, 3, 640, 512, dtype=torch.uint8))
+        null_clip = model.clip(pixel_values=black).last_hidden_state[0]
+        null_dist = model.vae.encode(torch.full((1, 3, 640, 512), -1.0)).latent_dist
+    for b, (v, j, i) in enumerate(draws.samples):
+        uv = torch.stack([load_pose(p) for p in videos[v].poses])
+        windows = make_pose_windows(uv, 64, 64, cfg.offsets).windows([j])[0]
+        if draws.drop_pose[b]:
+            assert torch.equal(batch.pose[b], torch.zeros(10, 8, 8))
+        else:
+            assert torch.equal(batch.pose[b], windows)
+            if pose_window == 1:   # the paper's 1-pose ablation: pose j in all five slots
+                centre = make_pose_windows(uv[j:j + 1], 64, 64).uv[0]
+                for slot in range(5):
+                    assert torch.equal(batch.pose[b, 2 * slot:2 * slot + 2], centre)
+            else:
+                assert not torch.equal(batch.pose[b, :2], batch.pose[b, 8:])
+        if draws.drop_image[b]:   # the sampler's null image: CLIP of a black frame, VAE of a −1 frame
+            assert torch.equal(batch.clip_tokens[b], null_clip)
+            want = (null_dist.mean[0] + null_dist.std[0] * draws.null_noise[b]) * VAE_SCALE
+            assert torch.equal(batch.cond_latent[b], want)
+        else:
+            key = resize_u8(load_frame(videos[v].frames[i]).unsqueeze(0), 640, 512)
+            with torch.no_grad():
+                tokens = model.clip(pixel_values=clip_pixels(key)).last_hidden_state[0]
+                dist = model.vae.encode(key.float() / 255 * 2 - 1).latent_dist
+            assert torch.equal(batch.clip_tokens[b], tokens)
+            assert torch.equal(batch.cond_latent[b], (dist.mean[0] + dist.std[0] * draws.cond_noise[b]) * VAE_SCALE)
+    # caching the frozen encodings changes no number
+    cached = tr.TrainData(videos, model.vae, model.clip, cfg, "cpu", cache=True)
+    for _ in range(2):
+        again = cached.batch(draws)
+        for name in ("z0", "pose", "clip_tokens", "cond_latent", "noise", "timesteps"):
+            assert torch.equal(getattr(again, name), getattr(batch, name)), name
+
+
+# ------------------------------------------------------------------------------------------ training
+
+def test_train_changes_unet_and_adapter_only(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    cfg = config(videos_root, tmp_path / "run", tiny_sd_folder, tiny_clip_folder, workers=2, include_vae=True)
+    result = run(cfg)
+    assert result.steps == 2 and result.grad_accum == 2 and len(result.losses) == 2
+    assert all(np.isfinite(result.losses))
+    fresh = tr.load_training_model(cfg)
+    before, after = state_of(fresh), state_of(result.model)
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, unchanged[:5]
+    for name in ("vae", "clip"):
+        trained, original = getattr(result.model, name), getattr(fresh, name)
+        assert all(p.grad is None for p in trained.parameters())
+        for k, v in original.state_dict().items():
+            assert torch.equal(trained.state_dict()[k], v), (name, k)
+    # the bundle: loadable, the trained weights, what eval needs in its metadata
+    path = os.path.join(cfg.out, tr.FINAL_NAME)
+    meta = read_metadata(path)
+    assert (meta["pose_window"], meta["conditioning"], meta["resolution"], meta["convention"]) == \
+        ("5", "clip-vae", "64x64", "standard")
+    training = json.loads(meta["training"])
+    assert training["batch_size"] == 4 and training["grad_accum"] == 2 and training["world_size"] == 1
+    loaded = load_dreampose(clip=tiny_clip_folder, dreampose=path)
+    for k, v in state_of(loaded).items():
+        assert torch.equal(v, after[k]), k
+    assert torch.equal(loaded.vae.encoder.conv_in.weight, fresh.vae.encoder.conv_in.weight)
+    log = read_jsonl(os.path.join(cfg.out, tr.LOG_NAME))
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) and r["lr"] == 1e-3 for r in log)
+
+
+def test_clip_only_holds_the_vae_path_at_zero(videos_root, tmp_path, tiny_dreampose_file, tiny_clip_folder):
+    """CLIP-only ablation from a bundle whose adapter uses its VAE tokens: they are zeroed and stay zero."""
+    start = load_dreampose(clip=tiny_clip_folder, dreampose=tiny_dreampose_file).adapter
+    assert start.linear1.weight[:, 50:].abs().sum() > 0
+    cfg = config(videos_root, tmp_path / "run", None, tiny_clip_folder, init=tiny_dreampose_file,
+                 conditioning="clip", pose_window=1, dropout=0.5)
+    result = run(cfg)
+    adapter = result.model.adapter
+    assert torch.equal(adapter.linear1.weight[:, 50:], torch.zeros(50, 4))
+    assert not torch.equal(adapter.linear1.weight[:, :50], start.linear1.weight[:, :50])
+    assert torch.equal(adapter.vae2clip.weight, start.vae2clip.weight)
+    meta = read_metadata(os.path.join(cfg.out, tr.FINAL_NAME))
+    assert (meta["pose_window"], meta["conditioning"]) == ("1", "clip")
+    saved = load_file(os.path.join(cfg.out, tr.FINAL_NAME))
+    assert torch.equal(saved["adapter.linear1.weight"][:, 50:], torch.zeros(50, 4))
+
+
+def test_exact_resume(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    """4 steps straight == 2 steps, stop, --resume latest, 2 more (bit for bit)."""
+    common = {"steps": 4, "save_every": 1, "keep": 2, "dropout": 0.5}
+    straight = run(config(videos_root, tmp_path / "a", tiny_sd_folder, tiny_clip_folder, **common))
+    ckpts = tmp_path / "a" / tr.CHECKPOINTS
+    assert sorted(os.listdir(ckpts)) == ["step_3", "step_4"]   # --keep 2
+    assert os.path.isfile(tmp_path / "a" / "dreampose_step_1.safetensors")
+
+    out = tmp_path / "b"
+    first = run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **{**common, "steps": 2}))
+    assert first.steps == 2
+    os.makedirs(out / tr.CHECKPOINTS / "step_9")            # incomplete: no train_state.json
+    os.makedirs(out / tr.CHECKPOINTS / ".tmp-step_3")       # an interrupted save
+    with open(out / tr.LOG_NAME, "a") as f:                 # a step logged after the last checkpoint
+        f.write(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+    assert tr.find_checkpoint(str(out), "latest").endswith("step_2")
+    resumed = run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **common, resume="latest"))
+    assert resumed.start_step == 2 and resumed.steps == 4
+    a, b = state_of(straight.model), state_of(resumed.model)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert straight.losses[2:] == resumed.losses
+    assert not os.path.exists(out / tr.CHECKPOINTS / ".tmp-step_3")
+    log = read_jsonl(out / tr.LOG_NAME)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and log[2]["loss"] != 9.0
+    final_a, final_b = load_file(tmp_path / "a" / tr.FINAL_NAME), load_file(out / tr.FINAL_NAME)
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_resume_refuses_another_run(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    out = tmp_path / "run"
+    run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=1, batch_size=2))
+    with pytest.raises(DreamPoseError) as exc:
+        run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=2, resume="latest", seed=1,
+                   batch_size=4))
+    assert "differs in batch_size, seed" in str(exc.value)
+    with pytest.raises(DreamPoseError, match="already holds checkpoints"):
+        run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=2, batch_size=2))
+    fewer = tmp_path / "fewer"   # another dataset: one video less
+    shutil.copytree(videos_root, fewer)
+    shutil.rmtree(fewer / "clip_2")
+    with pytest.raises(DreamPoseError, match="differs in dataset, videos, frames"):
+        run(config(str(fewer), out, tiny_sd_folder, tiny_clip_folder, steps=2, batch_size=2, resume="latest"))
+
+
+# ------------------------------------------------------------------------------------------ two processes
+
+def _torchrun(args: list[str], timeout: float = 150) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dreampose", "train", *args]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _debug(folder) -> dict[int, list[dict]]:
+    return {rank: read_jsonl(os.path.join(folder, f"rank{rank}.jsonl")) for rank in (0, 1)}
+
+
+def test_two_processes_gloo(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    """Two CPU ranks (gloo): both train on their own samples, agree on the weights after every step,
+    keep the effective batch, and a resumed two-process run continues the same run."""
+    common = ["--data", videos_root, "--base", tiny_sd_folder, "--clip", tiny_clip_folder, "--height", "64",
+              "--width", "64", "--batch-size", "4", "--micro-batch", "1", "--steps", "4", "--save-every", "2",
+              "--lr", "1e-3", "--cpu", "--cache-conditioning", "--workers", "0", "--log-every", "1", "--quiet"]
+    _torchrun([*common, "--out", str(tmp_path / "a"), "--debug-dir", str(tmp_path / "dbg_a")])
+    straight = _debug(tmp_path / "dbg_a")
+    for rank in (0, 1):
+        assert [r["step"] for r in straight[rank]] == [1, 2, 3, 4]
+        for r in straight[rank]:
+            assert r["world_size"] == 2 and r["grad_accum"] == 2   # 4 = micro 1 × accumulation 2 × 2 ranks
+            assert len(r["samples"]) == 2 and all(len(m) == 1 for m in r["samples"])
+            assert np.isfinite(r["loss"])
+    for s in range(4):
+        assert straight[0][s]["digest"] == straight[1][s]["digest"]
+        assert straight[0][s]["loss"] != straight[1][s]["loss"]
+    assert len({r["digest"] for r in straight[0]}) == 4
+    assert [r["samples"] for r in straight[0]] != [r["samples"] for r in straight[1]]
+    log = read_jsonl(tmp_path / "a" / tr.LOG_NAME)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]          # the main process alone writes the log
+    assert sorted(os.listdir(tmp_path / "a" / tr.CHECKPOINTS / "step_2")) == sorted(
+        ["model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", tr.STATE_NAME])
+
+    _torchrun([*common, "--out", str(tmp_path / "b"), "--debug-dir", str(tmp_path / "dbg_b"),
+               "--resume", str(tmp_path / "a" / tr.CHECKPOINTS / "step_2")])
+    resumed = _debug(tmp_path / "dbg_b")
+    for rank in (0, 1):
+        assert [r["step"] for r in resumed[rank]] == [3, 4]
+        assert resumed[rank] == straight[rank][2:]
