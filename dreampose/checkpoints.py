@@ -11,6 +11,7 @@ before any weights are loaded. Every failure to read a file is a DreamPoseError 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -180,21 +181,31 @@ def split_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
-    """Write safetensors to a temp name beside ``path`` and rename: no half-written file on a crash."""
+@contextlib.contextmanager
+def atomic_output(path: str, suffix: str = "", mode: int | None = None):
+    """Yield a temporary path beside ``path``; on success rename it to ``path``, on any error (or
+    Ctrl-C) delete it, so a crash never leaves a half-written file under the final name.
+    ``mode``: permissions to give the file (``mkstemp`` makes 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)   # the suffix may pick a format
     os.close(fd)
     try:
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={k: str(v) for k, v in metadata.items()})
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; a model file gets the usual permissions
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
+    """Write safetensors to a temp name beside ``path`` and rename: no half-written file on a crash."""
+    with atomic_output(path, ".safetensors", mode=0o666) as tmp:   # a model file gets the usual permissions
+        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        save_file(contiguous, tmp, metadata={k: str(v) for k, v in metadata.items()})
     return path
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoints import atomic_output
 from .errors import DreamPoseError
 from .poses import load_uv_file, uv_file_name
 
@@ -100,8 +101,6 @@ def load_pose(path: str) -> torch.Tensor:
 def write_marker(folder: str, **info) -> str:
     """Write the finished-marker atomically (temp name, then rename)."""
     path = os.path.join(folder, MARKER)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(path, ".json", mode=0o666) as tmp, open(tmp, "w") as f:
         json.dump(info, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
     return path

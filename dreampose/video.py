@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import cv2
 import numpy as np
 import torch
 
+from .checkpoints import atomic_output
 from .errors import DreamPoseError
 
 FRAME_PATTERN = "frame_{:04d}.png"
@@ -58,29 +58,18 @@ def write_mp4(frames, path: str, fps: float = 30.0) -> str:
         raise DreamPoseError(f"fps must be a positive number, got {fps!r}")
     video = to_uint8(frames)
     _, height, width, _ = video.shape
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mp4", dir=folder)  # the suffix picks the container
-    os.close(fd)
-    writer = None
-    try:
+    with atomic_output(path, ".mp4", mode=0o666) as tmp:     # the suffix picks the container
         writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
-        if not writer.isOpened():
-            raise DreamPoseError(f"OpenCV could not open an mp4v video writer for {path} "
-                                 "(this OpenCV build may lack the MPEG-4 encoder)")
-        for frame in video:
-            writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        writer.release()
-        writer = None
+        try:
+            if not writer.isOpened():
+                raise DreamPoseError(f"OpenCV could not open an mp4v video writer for {path} "
+                                     "(this OpenCV build may lack the MPEG-4 encoder)")
+            for frame in video:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
         if os.path.getsize(tmp) == 0:
             raise DreamPoseError(f"OpenCV wrote an empty video for {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        if writer is not None:
-            writer.release()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path
 
 
@@ -90,3 +79,40 @@ def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreamp
     pngs = save_png_frames(video, folder)
     mp4 = write_mp4(video, os.path.join(folder, video_name), fps)
     return pngs, mp4
+
+
+def write_gif(frames, path: str, fps: float = 8.0) -> str:
+    """An animated GIF (loops forever; shows inline on GitHub and in most viewers); atomic rename."""
+    from PIL import Image
+
+    video = to_uint8(frames)
+    with atomic_output(path, ".gif", mode=0o666) as tmp:
+        images = [Image.fromarray(f) for f in video]
+        images[0].save(tmp, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+    return path
+
+
+def contact_sheet(rows, gap: int = 2, background: int = 255) -> np.ndarray:
+    """Rows of frames (each ``[F,H,W,3]``, same H and W) → one uint8 picture, a row per sequence.
+
+    Rows may have different lengths; short rows are left blank at the end.
+    """
+    rows = [to_uint8(r) for r in rows]
+    if not rows:
+        raise DreamPoseError("a contact sheet needs at least one row of frames")
+    sizes = {r.shape[1:3] for r in rows}
+    if len(sizes) != 1:
+        raise DreamPoseError(f"contact sheet rows have different frame sizes {sorted(sizes)}")
+    (h, w), cols = sizes.pop(), max(r.shape[0] for r in rows)
+    sheet = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), background, np.uint8)
+    for i, row in enumerate(rows):
+        for j, frame in enumerate(row):
+            sheet[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = frame
+    return sheet
+
+
+def save_image(image, path: str) -> str:
+    """One RGB uint8 ``[H,W,3]`` picture as PNG."""
+    if not cv2.imwrite(path, cv2.cvtColor(to_uint8(image)[0], cv2.COLOR_RGB2BGR)):
+        raise DreamPoseError(f"could not write {path}")
+    return path

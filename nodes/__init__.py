@@ -3,6 +3,7 @@
 Node IDs and input order are part of every saved workflow (widget values are stored by position):
 never rename or reorder them; add new inputs at the end.
 """
+from .demo import DreamPoseDemoModel, DreamPoseSyntheticPerson
 from .densepose import DreamPoseDensePose, DreamPoseLoadIUV, DreamPoseSaveUV
 from .encode import CLIPVAEAdapterEncode
 from .finetune import SubjectFinetune, VAEDecoderFinetune
@@ -13,3 +14,4 @@ from .sampler import DualCFGSampler
 NODES = [LoadDreamPose, CLIPVAEAdapterEncode, DreamPoseLoadUV, DensePoseWindow5, DualCFGSampler, SubjectFinetune,
          VAEDecoderFinetune]
 NODES += [DreamPoseDensePose, DreamPoseSaveUV, DreamPoseLoadIUV]
+NODES += [DreamPoseDemoModel, DreamPoseSyntheticPerson]

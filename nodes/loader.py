@@ -13,6 +13,20 @@ from . import device as dev
 from .types import DreamPoseModelType
 
 
+def place_loaded(model, dtype: str, vae_dtype: str):
+    """Cast a freshly loaded model to the host's dtypes and park it on the offload device; the
+    ModelPatchers move it to the compute device when a node needs it."""
+    device = mm.get_torch_device()
+    unet_dt = dev.unet_dtype(dtype, device, dev.param_count(model.unet))
+    vae_dt = dev.vae_dtype(vae_dtype, device)
+    offload = mm.unet_offload_device()
+    for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, unet_dt)):
+        dev.place(module, offload, dt)
+    model.info.update(unet_dtype=dev.dtype_name(unet_dt), vae_dtype=dev.dtype_name(vae_dt),
+                      clip_dtype=dev.dtype_name(unet_dt))
+    return model
+
+
 class LoadDreamPose(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -80,15 +94,7 @@ class LoadDreamPose(io.ComfyNode):
             vae=folders.resolve_vae(vae),
             convention=None if convention == "auto" else convention,
             subject=folders.resolve_subject(subject))
-        device = mm.get_torch_device()
-        unet_dt = dev.unet_dtype(dtype, device, dev.param_count(model.unet))
-        vae_dt = dev.vae_dtype(vae_dtype, device)
-        offload = mm.unet_offload_device()
-        for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, unet_dt)):
-            dev.place(module, offload, dt)
-        model.info.update(unet_dtype=dev.dtype_name(unet_dt), vae_dtype=dev.dtype_name(vae_dt),
-                          clip_dtype=dev.dtype_name(unet_dt))
-        return io.NodeOutput(model)
+        return io.NodeOutput(place_loaded(model, dtype, vae_dtype))
 
     @classmethod
     def fingerprint_inputs(cls, dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention,

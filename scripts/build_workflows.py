@@ -191,7 +191,47 @@ def guidance_sweep(oi: dict) -> Graph:
     return g
 
 
-WORKFLOWS = {"dreampose_video_to_animation.json": video_to_animation,
+DEMO_NOTE = """## DreamPose demo: no download, no input files
+
+**Load DreamPose Demo Model** loads the small DreamPose shipped inside this pack (a few MB, trained with `python -m dreampose train` on the pack's synthetic world). **DreamPose Synthetic Person** gives a person it never saw in training: their key frame, a driving motion as DensePose UV, and the ground truth of that motion.
+
+The paper's subject phase comes next, short: **Subject Finetune** (UNet + adapter, 100 steps) and **VAE Decoder Finetune** (100 steps) on the key frame and its own pose, saved in `models/dreampose/subjects/` and reused next time. Then the usual chain: **Encode Key Frame** → **Pose Windows** (128×192, the demo model's size) → **Dual-CFG Sampler** (DDIM, 20 steps) → an animated WEBP. The previews show the driving poses and the ground truth to compare with. Change `subject` and `motion` to try other people and movements. About a minute on a CPU.
+
+The demo model knows only the synthetic world: for photos, use *dreampose_animate* with the released DreamPose weights."""
+
+
+def demo(oi: dict) -> Graph:
+    g = Graph(oi)
+    g.add("MarkdownNote", (40, -330), [DEMO_NOTE], title="Read me", size=[900, 300])
+    model = g.add("DreamPoseDemoModel", (40, 40), ["auto", "auto"])
+    person = g.add("DreamPoseSyntheticPerson", (40, 260), [0, "walk", 16, 128, 192])
+    sub = g.add("SubjectFinetune", (420, 40), ["demo_subject", 100, 1e-4, 0, True, False, False, "fp32", "adamw", 0])
+    vae = g.add("VAEDecoderFinetune", (800, 40), ["demo_subject_vae", 100, 1e-4, 0, True, False, "fp32"])
+    enc = g.add("CLIPVAEAdapterEncode", (1180, 40), ["sample", 0, "fixed"])
+    win = g.add("DensePoseWindow5", (1180, 300), [128, 192])
+    samp = g.add("DualCFGSampler", (1560, 40), [3.0, 3.0, 20, "ddim", 0, "fixed", 8, "official", "none"])
+    save = g.add("SaveAnimatedWEBP", (1940, 40), ["DreamPose_demo", 8.0, False, 90, "default"], size=[360, 520])
+    poses = g.add("PreviewImage", (420, 560), size=[360, 420], title="Driving poses")
+    truth = g.add("PreviewImage", (800, 560), size=[360, 420], title="Ground truth")
+    g.link(model, 0, sub, "model")
+    g.link(person, 0, sub, "images")
+    g.link(person, 4, sub, "poses")
+    g.link(sub, 0, vae, "model")
+    g.link(person, 0, vae, "images")
+    g.link(vae, 0, enc, "model")
+    g.link(person, 0, enc, "image")
+    g.link(person, 1, win, "uv")
+    g.link(vae, 0, samp, "model")
+    g.link(enc, 0, samp, "cond")
+    g.link(win, 0, samp, "poses")
+    g.link(samp, 0, save, "images")
+    g.link(person, 3, poses, "images")
+    g.link(person, 2, truth, "images")
+    return g
+
+
+WORKFLOWS = {"dreampose_demo.json": demo,
+             "dreampose_video_to_animation.json": video_to_animation,
              "dreampose_guidance_sweep.json": guidance_sweep}
 
 

@@ -64,13 +64,18 @@ def test_workflow_file_shape(path):
             assert m["name"] in n["widgets_values"], (n["type"], m["name"])
         if n["type"] in ("LoadDreamPose", "DreamPoseDensePose"):
             assert n["properties"]["Node name for S&R"] == n["type"]
-    assert any(n["type"] == "LoadDreamPose" and n["properties"].get("models") for n in wf["nodes"])
+    if path.stem == "dreampose_demo":   # the shipped demo model: nothing to download, no input files
+        types = {n["type"] for n in wf["nodes"]}
+        assert "DreamPoseDemoModel" in types and not types & {"LoadDreamPose", "LoadImage", "LoadVideo"}
+        assert not any(n.get("properties", {}).get("models") for n in wf["nodes"])
+    else:
+        assert any(n["type"] == "LoadDreamPose" and n["properties"].get("models") for n in wf["nodes"])
 
 
 def test_the_issue_workflows_are_shipped():
     names = {p.name for p in WORKFLOWS}
     assert {"dreampose_animate.json", "dreampose_finetune_animate.json", "dreampose_video_to_animation.json",
-            "dreampose_guidance_sweep.json"} <= names
+            "dreampose_guidance_sweep.json", "dreampose_demo.json"} <= names
 
 
 def test_video_workflow_runs_densepose_on_the_video_and_the_photo():
