@@ -735,8 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", type=_nonnegative_int, default=0,
                    help="which test-split subject of the synthetic world (default 0)")
     p.add_argument("--motion", help="motion family (walk, sway, wave, turn, dance, pose; default: the subject's)")
-    from .demo_model import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS,
-                             DEMO_WIDTH)
+    from .demo_config import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS,
+                              DEMO_WIDTH)
     p.add_argument("--finetune-steps", type=_nonnegative_int, default=DEMO_FINETUNE_STEPS,
                    help=f"UNet+adapter finetune steps on the key frame, the paper's subject phase "
                         f"(default {DEMO_FINETUNE_STEPS}; 0: none)")

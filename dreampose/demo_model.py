@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from .conditioning import VAE_SCALE
 from .errors import DreamPoseError
 
-ASSET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-DEMO_FILE = os.path.join(ASSET_DIR, "demo_dreampose.safetensors")
-DEMO_HEIGHT, DEMO_WIDTH = 192, 128   # the size the demo model was trained at (latent 24×16)
+from .demo_config import (ASSET_DIR, DEMO_FILE, DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_HEIGHT,  # noqa: F401
+                          DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH)
 
 DEMO_UNET = {
     "sample_size": 24, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
@@ -231,11 +230,6 @@ def demo_scene(frames: int = 16, subject: int = 0, motion: str | None = None, he
     key = render_video(outfit, neutral_pose()[None], height, width)
     return {"key_frame": (key.frames[0] * 255).round().to(torch.uint8), "key_uv": key.uv[0], "uv": truth.uv,
             "truth": truth.frames, "subject": f"test subject {subject} (outfit seed {outfit_seed})", "motion": kind}
-
-
-# the subject finetune the demo (and the synthetic ablation table) runs on the key frame: the paper's
-# second phase, short, at a learning rate sized for a model trained at 5e-4
-DEMO_FINETUNE_STEPS, DEMO_VAE_FINETUNE_STEPS, DEMO_FINETUNE_LR = 100, 100, 1e-4
 
 
 def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, steps: int = DEMO_FINETUNE_STEPS,

@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..dreampose.demo_model import DEMO_HEIGHT, DEMO_WIDTH, demo_scene, load_demo_model
 from ..dreampose.densepose import visualize
+from ..dreampose.errors import DreamPoseError
 from ..dreampose.poses import check_output_size
 from ..dreampose.world import MOTIONS
 from . import device as dev
@@ -76,7 +77,7 @@ class DreamPoseSyntheticPerson(io.ComfyNode):
         try:
             if width is not None and height is not None:
                 check_output_size(height, width)
-        except Exception as exc:   # a DreamPoseError: show it at queue time
+        except DreamPoseError as exc:   # shown at queue time, before any model loads
             return str(exc)
         return True
 
