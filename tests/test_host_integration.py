@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
@@ -76,12 +75,13 @@ def test_previews_through_comfy_and_outputs_unchanged(runs):
     assert [e["value"] for e in events] == list(range(1, chunks * (STEPS + 1) + 1))
     plain_events = [e for e in json.loads((env.root / "plain.json").read_text()) if e["node"] == "6"]
     assert not any("preview" in e for e in plain_events)  # ComfyUI's default: no previews
-    # Two processes: CPU kernels (MKL/oneDNN) may take alignment-dependent code paths, so the last bits
-    # can differ between runs (seen once, in a fresh-clone CI run). A preview that touched sampling (a generator
-    # draw, an in-place write) changes latents by orders of magnitude more than this bound.
+    # Two processes: CPU kernels (MKL/oneDNN) may take alignment-dependent code paths, so the last bits can
+    # differ between runs, and the sampler carries them on (fresh-clone CI runs: 4.8e-5 on latents up to 28,
+    # i.e. 2e-6 of their scale). A preview that touched sampling (a generator draw, an in-place write)
+    # changes them by orders of magnitude more than this bound: 1e-5 of the largest latent.
     a = load_file(next(plain.out.glob("frames_*.latent")))["latent_tensor"]
     b = load_file(next(preview.out.glob("frames_*.latent")))["latent_tensor"]
-    assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max(), ((a - b).abs().max(), a.abs().max())
     for pa, pb in zip(sorted(plain.out.glob("frames_*.png")), sorted(preview.out.glob("frames_*.png")), strict=True):
         diff = np.abs(np.asarray(Image.open(pa)).astype(int) - np.asarray(Image.open(pb)).astype(int))
         assert diff.max() <= 1, diff.max()   # at most a rounding step of 8-bit output
