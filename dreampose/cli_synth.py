@@ -58,10 +58,10 @@ def write_preview(path: str, folders: list[str], columns: int = PREVIEW_COLUMNS)
     """A contact sheet PNG: one row per video (at most PREVIEW_ROWS), ``columns`` evenly spaced
     frames, each with its UV (R = body, G = U, B = V) drawn under it; read back from the files."""
     import numpy as np
-    from PIL import Image
 
     from .dataset import load_frame, load_pose, read_video_folder
     from .densepose import visualize
+    from .video import save_image
 
     rows = []
     for folder in folders[:PREVIEW_ROWS]:
@@ -75,13 +75,7 @@ def write_preview(path: str, folders: list[str], columns: int = PREVIEW_COLUMNS)
         pad = np.full_like(cells[0], 255)
         cells += [pad] * (columns - len(cells))    # short videos leave blank cells
         rows.append(np.concatenate(cells, axis=1))
-    sheet = np.concatenate(rows, axis=0)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(sheet).save(tmp)
-    os.replace(tmp, path)
-    return path
+    return save_image(np.concatenate(rows, axis=0), path)
 
 
 def cmd_synth(args) -> int:

@@ -141,17 +141,6 @@ def _load_frames(roots: list[str], height: int, width: int, limit: int) -> torch
     return torch.stack([f if f.shape[-2:] == (height, width) else resize_u8(f, height, width) for f in frames])
 
 
-def _write_component(module, folder: str, weights_name: str) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    if hasattr(module, "save_config"):      # diffusers
-        module.save_config(folder)
-    else:                                   # transformers
-        module.config.to_json_file(os.path.join(folder, "config.json"))
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, weights_name))
-
-
 def build_base(data: list[str], out: str, *, vae_steps: int, seed: int = 0, height: int = DEMO_HEIGHT,
                width: int = DEMO_WIDTH, max_frames: int = 2048, lr: float = 1e-3, init_vae: str | None = None,
                progress=None) -> dict:
@@ -160,6 +149,7 @@ def build_base(data: list[str], out: str, *, vae_steps: int, seed: int = 0, heig
     ``init_vae``: continue from this VAE folder (a second pretraining phase) instead of a fresh one."""
     from .loading import load_vae
     from .sampling import default_scheduler_config
+    from .tiny import write_component
 
     frames = _load_frames(data, height, width, max_frames)
     unet, vae, clip = demo_networks(seed)
@@ -169,14 +159,14 @@ def build_base(data: list[str], out: str, *, vae_steps: int, seed: int = 0, heig
     losses = pretrain_autoencoder(vae, frames, steps=vae_steps, seed=seed, lr=lr, progress=progress)
     k = calibrate_latent_scale(vae, frames[:256])
     sd = os.path.join(out, "sd")
-    _write_component(unet, os.path.join(sd, "unet"), "diffusion_pytorch_model.safetensors")
-    _write_component(vae, os.path.join(sd, "vae"), "diffusion_pytorch_model.safetensors")
+    write_component(unet, os.path.join(sd, "unet"), "diffusion_pytorch_model.safetensors")
+    write_component(vae, os.path.join(sd, "vae"), "diffusion_pytorch_model.safetensors")
     os.makedirs(os.path.join(sd, "scheduler"), exist_ok=True)
     with open(os.path.join(sd, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(default_scheduler_config(), f, indent=1)
     clip_dir = os.path.join(out, "clip")
     os.makedirs(clip_dir, exist_ok=True)
-    _write_component(clip, clip_dir, "model.safetensors")
+    write_component(clip, clip_dir, "model.safetensors")
     info = {"frames": int(frames.shape[0]), "vae_steps": vae_steps, "vae_loss_first": losses[0],
             "vae_loss_last": sum(losses[-20:]) / len(losses[-20:]), "latent_rescale": k,
             "seconds": time.perf_counter() - t0}

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics as M
+from .checkpoints import atomic_output
 from .errors import DreamPoseError
 
 ROLES = ("full", "clip", "onepose")
@@ -697,10 +698,8 @@ def markdown_report(result: dict) -> str:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(path, os.path.splitext(path)[1], mode=0o666) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def write_reports(result: dict, out: str) -> tuple[str, str]:

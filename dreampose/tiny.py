@@ -81,16 +81,20 @@ def tiny_dreampose(seed: int = 0, pose_sensitive: bool = True, convention: str =
                           {"tiny": True})
 
 
-def _write_component(module, folder: str, weights_name: str) -> None:
+def write_component(module, folder: str, weights_name: str) -> None:
+    """A network as ``config.json`` (diffusers or transformers) + safetensors weights in ``folder``."""
     os.makedirs(folder, exist_ok=True)
-    module.save_config(folder) if hasattr(module, "save_config") else None
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, weights_name))
+    if hasattr(module, "save_config"):      # diffusers
+        module.save_config(folder)
+    else:                                   # transformers
+        module.config.to_json_file(os.path.join(folder, "config.json"))
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, weights_name))
 
 
 def write_tiny_sd_folder(folder: str, seed: int = 0) -> str:
     """A diffusers-layout SD 1.x folder (``unet/``, ``vae/``, ``scheduler/``) with tiny random weights."""
-    _write_component(tiny_base_unet(seed), os.path.join(folder, "unet"), "diffusion_pytorch_model.safetensors")
-    _write_component(tiny_vae(seed + 1), os.path.join(folder, "vae"), "diffusion_pytorch_model.safetensors")
+    write_component(tiny_base_unet(seed), os.path.join(folder, "unet"), "diffusion_pytorch_model.safetensors")
+    write_component(tiny_vae(seed + 1), os.path.join(folder, "vae"), "diffusion_pytorch_model.safetensors")
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(default_scheduler_config(), f, indent=1)

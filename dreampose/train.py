@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import hold_vae_tokens_at_zero
+from .checkpoints import atomic_output
 from .conditioning import COND_HEIGHT, COND_WIDTH, VAE_SCALE, vae_inputs
 from .dataset import VideoFolder, find_videos, load_frame, load_pose
 from .errors import DreamPoseError
@@ -569,10 +570,8 @@ def _compare_resume(saved: dict, current: dict, path: str, keys=RESUME_KEYS) -> 
 
 
 def _write_json_atomic(path: str, data) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(path, ".json", mode=0o666) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -638,9 +637,8 @@ def _trim_log(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
+    with atomic_output(path, ".jsonl", mode=0o666) as tmp, open(tmp, "w") as f:
         f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 def train(config: TrainConfig, *, log: Log | None = None, progress: bool = True) -> TrainResult:

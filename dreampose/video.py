@@ -112,7 +112,8 @@ def contact_sheet(rows, gap: int = 2, background: int = 255) -> np.ndarray:
 
 
 def save_image(image, path: str) -> str:
-    """One RGB uint8 ``[H,W,3]`` picture as PNG."""
-    if not cv2.imwrite(path, cv2.cvtColor(to_uint8(image)[0], cv2.COLOR_RGB2BGR)):
-        raise DreamPoseError(f"could not write {path}")
+    """One RGB ``[H,W,3]`` picture (float 0..1 or uint8), in the format its name says; atomic rename."""
+    with atomic_output(path, os.path.splitext(path)[1], mode=0o666) as tmp:   # the suffix picks the format
+        if not cv2.imwrite(tmp, cv2.cvtColor(to_uint8(image)[0], cv2.COLOR_RGB2BGR)):
+            raise DreamPoseError(f"could not write {path}")
     return path
