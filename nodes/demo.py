@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..dreampose.demo_model import DEMO_HEIGHT, DEMO_WIDTH, demo_scene, load_demo_model
-from ..dreampose.densepose import visualize
+from ..dreampose.demo.model import DEMO_HEIGHT, DEMO_WIDTH, demo_scene, load_demo_model
+from ..dreampose.data.densepose import visualize
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.poses import check_output_size
-from ..dreampose.world import MOTIONS
+from ..dreampose.pipeline.poses import check_output_size
+from ..dreampose.data.world import MOTIONS
 from . import device as dev
 from .loader import place_loaded
 from .types import DreamPoseModelType, DreamPosePoseType

@@ -16,11 +16,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..dreampose.densepose import (DETECT_SHORT_SIDE, PERSON_CHOICES, attach_part_labels, estimate_uv,
+from ..dreampose.data.densepose import (DETECT_SHORT_SIDE, PERSON_CHOICES, attach_part_labels, estimate_uv,
                                    list_iuv_files, load_densepose_model, load_iuv_folder, part_labels_of,
                                    save_iuv_folder, visualize)
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.poses import save_uv_folder
+from ..dreampose.pipeline.poses import save_uv_folder
 from . import folders
 from .types import DreamPosePoseType, require_uv
 

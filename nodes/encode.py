@@ -5,9 +5,9 @@ import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..dreampose.conditioning import COND_HEIGHT, COND_WIDTH, LATENT_MODES, encode_image_condition
+from ..dreampose.pipeline.conditioning import COND_HEIGHT, COND_WIDTH, LATENT_MODES, encode_image_condition
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.images import check_image
+from ..dreampose.pipeline.images import check_image
 from . import device as dev
 from .types import DreamPoseCondType, DreamPoseModelType
 

@@ -18,8 +18,8 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..dreampose import finetune as ft
-from ..dreampose.checkpoints import read_metadata
+from ..dreampose.training import finetune as ft
+from ..dreampose.files.weights import read_metadata
 from ..dreampose.errors import DreamPoseError
 from . import device as dev
 from . import folders

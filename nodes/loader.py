@@ -6,8 +6,8 @@ import os
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..dreampose.conditioning import CONVENTIONS
-from ..dreampose.model import load_dreampose
+from ..dreampose.pipeline.conditioning import CONVENTIONS
+from ..dreampose.loaders.load import load_dreampose
 from . import folders
 from . import device as dev
 from .types import DreamPoseModelType

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.poses import check_output_size, list_uv_files, load_uv_folder, make_pose_windows
+from ..dreampose.pipeline.poses import check_output_size, list_uv_files, load_uv_folder, make_pose_windows
 from . import folders
 from .types import DreamPosePoseType, require_uv
 

@@ -8,9 +8,9 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..dreampose.conditioning import VAE_SCALE, ImageCondition
+from ..dreampose.pipeline.conditioning import VAE_SCALE, ImageCondition
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, generate_frames, stretch_frames
+from ..dreampose.pipeline.sampling import SAMPLERS, START_MODES, STRETCH_MODES, generate_frames, stretch_frames
 from . import device as dev
 from . import preview
 from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_windows

@@ -11,7 +11,7 @@ import torch
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.poses import PoseWindows
+from ..dreampose.pipeline.poses import PoseWindows
 
 DreamPoseModelType = io.Custom("DREAMPOSE_MODEL")
 DreamPoseCondType = io.Custom("DREAMPOSE_COND")

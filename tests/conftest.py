@@ -24,8 +24,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dreampose import tiny
-from dreampose.sampling import default_scheduler_config
+from dreampose.demo import tiny
+from dreampose.pipeline.sampling import default_scheduler_config
 
 AUTHORS_EPOCH = 7
 AUTHORS_VAE_EPOCH = 11

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dreampose.tiny import tiny_dreampose, write_tiny_clip_folder, write_tiny_sd_folder  # noqa: E402
+from dreampose.demo.tiny import tiny_dreampose, write_tiny_clip_folder, write_tiny_sd_folder  # noqa: E402
 
 HOST = ROOT / "tests" / "comfy_host"
 KEY_FRAME = Path("/work/shared/data/subject/key_frame.png")  # a real photo (576×720)

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreampose import cli
-from dreampose.video import save_png_frames, save_video, write_mp4
+from dreampose.cli import main as cli
+from dreampose.pipeline.video import save_png_frames, save_video, write_mp4
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H, FRAMES, STEPS, FPB = 128, 192, 3, 3, 2
@@ -35,7 +35,7 @@ def run_cli(*args) -> int:
 def inputs(tmp_path_factory):
     """A key frame PNG (RGBA, to check it is converted) and 3 pose files at a size unlike the output."""
     folder = tmp_path_factory.mktemp("cli_inputs")
-    from dreampose.synthetic import synthetic_key_frame, synthetic_uv_sequence
+    from dreampose.data.synthetic import synthetic_key_frame, synthetic_uv_sequence
 
     key = synthetic_key_frame(300, 240).permute(1, 2, 0).numpy()
     rgba = np.concatenate([key, np.full(key.shape[:2] + (1,), 255, np.uint8)], axis=-1)
@@ -113,10 +113,10 @@ def test_animate_writes_frames_video_and_latents(run_a):
 
 def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tiny_clip_folder, inputs):
     """The CLI builds x_T itself (to save it) and injects it; that must equal sample() building it."""
-    from dreampose.conditioning import encode_image_condition
-    from dreampose.model import load_dreampose
-    from dreampose.poses import load_uv_folder, make_pose_windows
-    from dreampose.sampling import sample
+    from dreampose.pipeline.conditioning import encode_image_condition
+    from dreampose.loaders.load import load_dreampose
+    from dreampose.pipeline.poses import load_uv_folder, make_pose_windows
+    from dreampose.pipeline.sampling import sample
 
     model = load_dreampose(clip=tiny_clip_folder, dreampose=tiny_dreampose_file)
     g = torch.Generator().manual_seed(1)
@@ -185,12 +185,12 @@ def test_animate_with_the_authors_files_runs_in_official_mode(authors_release, t
 @pytest.fixture
 def no_weight_loading(monkeypatch):
     """Any attempt to load weights fails the test: input errors must come first."""
-    import dreampose.model
+    import dreampose.loaders.load
 
     def refuse(**kwargs):
         raise AssertionError("weights were loaded before the inputs were checked")
 
-    monkeypatch.setattr(dreampose.model, "load_dreampose", refuse)
+    monkeypatch.setattr(dreampose.loaders.load, "load_dreampose", refuse)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -233,7 +233,7 @@ def test_argparse_rejects_unknown_choices_with_exit_2(capsys):
 
 def test_convert_authors_files_to_our_format(authors_release, tiny_unet_config, tiny_vae_config, tmp_path,
                                              capsys):
-    from dreampose.model import load_dreampose_file
+    from dreampose.loaders.load import load_dreampose_file
 
     ucfg, vcfg = tmp_path / "unet.json", tmp_path / "vae.json"
     ucfg.write_text(json.dumps(tiny_unet_config))

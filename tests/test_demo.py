@@ -8,13 +8,13 @@ import os
 import pytest
 import torch
 
-from dreampose import demo_model as dm
-from dreampose.checkpoints import read_metadata
-from dreampose.conditioning import VAE_SCALE
+from dreampose.demo import model as dm
+from dreampose.files.weights import read_metadata
+from dreampose.pipeline.conditioning import VAE_SCALE
 from dreampose.errors import DreamPoseError
-from dreampose.model import bundle_has_clip, load_dreampose, save_bundle
-from dreampose.tiny import tiny_dreampose, tiny_vae
-from dreampose.world import body_mask, random_outfit, silhouette, world_seeds
+from dreampose.loaders.load import bundle_has_clip, load_dreampose, save_bundle
+from dreampose.demo.tiny import tiny_dreampose, tiny_vae
+from dreampose.data.world import body_mask, random_outfit, silhouette, world_seeds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,7 +115,7 @@ def test_shipped_demo_file_is_small_self_contained_and_records_its_recipe():
 
 
 def test_demo_command_animates_and_follows_the_driving_pose(tmp_path):
-    from dreampose.cli import main
+    from dreampose.cli.main import main
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--frames", "8", "--quiet", "--threads", "2"]) == 0

@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreampose import densepose as dp
+from dreampose.data import densepose as dp
 from dreampose.errors import DreamPoseError
-from dreampose.poses import load_uv_folder, make_pose_windows, save_uv_folder
+from dreampose.pipeline.poses import load_uv_folder, make_pose_windows, save_uv_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dreampose import cli
-from dreampose import evaluate as E
-from dreampose import metrics as M
-from dreampose.dataset import write_marker
-from dreampose.tiny import tiny_dreampose
+from dreampose.cli import main as cli
+from dreampose.evaluation import evaluate as E
+from dreampose.evaluation import metrics as M
+from dreampose.data.dataset import write_marker
+from dreampose.demo.tiny import tiny_dreampose
 
 SIZE, FRAMES, STEPS, FT = 64, 3, 2, 2
 BACKGROUND = (0.92, 0.92, 0.92)
@@ -115,11 +115,11 @@ def test_single_json_structure(single):
 def test_single_runs_the_real_pipeline(single, setup):
     """The saved frames are what encode → pose windows → sample → decode gives with the same seed,
     and the metrics are computed from them against the ground truth, key frame left out."""
-    from dreampose.conditioning import encode_image_condition
-    from dreampose.dataset import load_frame, load_pose
-    from dreampose.model import load_dreampose
-    from dreampose.poses import make_pose_windows
-    from dreampose.sampling import decode_latents, sample
+    from dreampose.pipeline.conditioning import encode_image_condition
+    from dreampose.data.dataset import load_frame, load_pose
+    from dreampose.loaders.load import load_dreampose
+    from dreampose.pipeline.poses import make_pose_windows
+    from dreampose.pipeline.sampling import decode_latents, sample
 
     out, result = single
     folder = os.path.join(setup["data"], "video1")

@@ -12,14 +12,14 @@ import os
 import pytest
 import torch
 
-from dreampose import cli
-from dreampose import finetune as ft
-from dreampose.augment import CropBox, augment_pair, sample_crop_box
+from dreampose.cli import main as cli
+from dreampose.training import finetune as ft
+from dreampose.training.augment import CropBox, augment_pair, sample_crop_box
 from dreampose.errors import DreamPoseError
-from dreampose.model import load_dreampose
-from dreampose.subject import clone_module, lora_delta_of, weights_fingerprint
-from dreampose.synthetic import synthetic_key_frame, synthetic_uv_sequence
-from dreampose.tiny import tiny_dreampose
+from dreampose.loaders.load import load_dreampose
+from dreampose.loaders.subject_file import clone_module, lora_delta_of, weights_fingerprint
+from dreampose.data.synthetic import synthetic_key_frame, synthetic_uv_sequence
+from dreampose.demo.tiny import tiny_dreampose
 
 from conftest import assert_same_tensors
 

@@ -16,16 +16,17 @@ import torch
 from conftest import AUTHORS_EPOCH, assert_same_tensors, diffusers_to_ldm_single_file, old_vae_attention_names
 from safetensors.torch import save_file
 
-import dreampose.loading as loading
-import dreampose.model as model_mod
-from dreampose import images, poses, tiny
-from dreampose.checkpoints import (guess_kind, modernise_vae_keys, peek_keys, read_metadata, read_state_dict,
+import dreampose.loaders.components as loading
+import dreampose.loaders.load as model_mod
+from dreampose.demo import tiny
+from dreampose.pipeline import images, poses
+from dreampose.files.weights import (guess_kind, modernise_vae_keys, peek_keys, read_metadata, read_state_dict,
                                    strip_module_prefix)
 from dreampose.errors import DreamPoseError
-from dreampose.loading import (instantiate, load_authors_adapter, load_authors_unet, load_base_unet,
+from dreampose.loaders.components import (instantiate, load_authors_adapter, load_authors_unet, load_base_unet,
                                load_clip_vision, load_vae, read_json)
-from dreampose.model import convert_authors_checkpoint, load_dreampose
-from dreampose.unet import UNET_IN_CHANNELS
+from dreampose.loaders.load import convert_authors_checkpoint, load_dreampose
+from dreampose.models.unet import UNET_IN_CHANNELS
 
 
 def no_meta(module: torch.nn.Module) -> bool:

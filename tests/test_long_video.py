@@ -13,11 +13,11 @@ import os
 import pytest
 import torch
 
-from dreampose.conditioning import encode_image_condition
-from dreampose.poses import make_pose_windows
-from dreampose.sampling import decode_latents, generate_frames, sample
-from dreampose.synthetic import synthetic_key_frame, synthetic_uv_sequence
-from dreampose.tiny import tiny_dreampose
+from dreampose.pipeline.conditioning import encode_image_condition
+from dreampose.pipeline.poses import make_pose_windows
+from dreampose.pipeline.sampling import decode_latents, generate_frames, sample
+from dreampose.data.synthetic import synthetic_key_frame, synthetic_uv_sequence
+from dreampose.demo.tiny import tiny_dreampose
 
 SIZE = 64
 PAGE = os.sysconf("SC_PAGE_SIZE")

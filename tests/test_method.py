@@ -4,15 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dreampose.adapter import EmbeddingAdapter
-from dreampose.conditioning import encode_image_condition
+from dreampose.models.adapter import EmbeddingAdapter
+from dreampose.pipeline.conditioning import encode_image_condition
 from dreampose.errors import DreamPoseError
-from dreampose.guidance import DualCFGDenoiser, dual_cfg
-from dreampose.images import clip_pixels, resize_u8
-from dreampose.poses import make_pose_windows, window_indices
-from dreampose.sampling import SampleStats, make_scheduler, sample
-from dreampose.tiny import tiny_base_unet, tiny_dreampose
-from dreampose.unet import expand_conv_in
+from dreampose.pipeline.guidance import DualCFGDenoiser, dual_cfg
+from dreampose.pipeline.images import clip_pixels, resize_u8
+from dreampose.pipeline.poses import make_pose_windows, window_indices
+from dreampose.pipeline.sampling import SampleStats, make_scheduler, sample
+from dreampose.demo.tiny import tiny_base_unet, tiny_dreampose
+from dreampose.models.unet import expand_conv_in
 
 
 def _unet_inputs(batch=2, h=16, w=16, width=32, seed=0):
@@ -193,7 +193,7 @@ def test_pose_changes_the_frame():
 
 def test_official_start_latent_is_key_frame_noised_to_first_timestep():
     """x_T = √ᾱ·0.18215·VAE([-1,1] key).sample + √(1−ᾱ)·ε at the first timestep, ε shared by all frames."""
-    from dreampose.sampling import start_latents
+    from dreampose.pipeline.sampling import start_latents
     model = tiny_dreampose(seed=3)
     key = torch.rand(3, 640, 512)
     cond = encode_image_condition(key, model.clip, model.vae, model.adapter, latent_mode="mode")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dreampose import metrics as M
+from dreampose.evaluation import metrics as M
 from dreampose.errors import DreamPoseError
 
 tv = pytest.importorskip("torchvision")

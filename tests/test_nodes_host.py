@@ -18,10 +18,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from host_helpers import COMFY_DIR, HOST, POSE_FRAMES, ROOT, Env, log as _log, node, object_info_checks  # noqa: E402
-from dreampose.conditioning import VAE_SCALE, encode_image_condition  # noqa: E402
-from dreampose.model import load_dreampose  # noqa: E402
-from dreampose.poses import load_uv_folder, make_pose_windows  # noqa: E402
-from dreampose.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample  # noqa: E402
+from dreampose.pipeline.conditioning import VAE_SCALE, encode_image_condition  # noqa: E402
+from dreampose.loaders.load import load_dreampose  # noqa: E402
+from dreampose.pipeline.poses import load_uv_folder, make_pose_windows  # noqa: E402
+from dreampose.pipeline.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample  # noqa: E402
 
 pytestmark = pytest.mark.host
 

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreampose.conditioning import encode_image_condition
-from dreampose.model import load_dreampose
-from dreampose.poses import load_uv_folder, make_pose_windows
-from dreampose.sampling import default_scheduler_config, sample
-from dreampose.tiny import TINY_UNET, TINY_VAE, tiny_dreampose, write_tiny_clip_folder
+from dreampose.pipeline.conditioning import encode_image_condition
+from dreampose.loaders.load import load_dreampose
+from dreampose.pipeline.poses import load_uv_folder, make_pose_windows
+from dreampose.pipeline.sampling import default_scheduler_config, sample
+from dreampose.demo.tiny import TINY_UNET, TINY_VAE, tiny_dreampose, write_tiny_clip_folder
 from official_reference import official_embeddings, official_frame_latents, official_pose_input
 
 OLD_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}

@@ -19,8 +19,9 @@ import pytest
 import torch
 from test_densepose import BOX_A, FakeExport, person_a, save_script, stack
 
-from dreampose import cli, cli_prepare, densepose, prepare
-from dreampose.dataset import (
+from dreampose.cli import main as cli, prepare as cli_prepare
+from dreampose.data import densepose, prepare
+from dreampose.data.dataset import (
     MARKER,
     find_videos,
     load_frame,
@@ -28,7 +29,7 @@ from dreampose.dataset import (
     read_video_folder,
 )
 from dreampose.errors import DreamPoseError
-from dreampose.video import write_mp4
+from dreampose.pipeline.video import write_mp4
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 

@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreampose import cli
-from dreampose import train as tr
-from dreampose.checkpoints import read_metadata
-from dreampose.conditioning import VAE_SCALE
-from dreampose.dataset import (
+from dreampose.cli import main as cli
+from dreampose.training import stage1 as tr
+from dreampose.files.weights import read_metadata
+from dreampose.pipeline.conditioning import VAE_SCALE
+from dreampose.data.dataset import (
     find_videos,
     frame_file_name,
     load_frame,
@@ -31,9 +31,9 @@ from dreampose.dataset import (
     write_marker,
 )
 from dreampose.errors import DreamPoseError
-from dreampose.images import clip_pixels, resize_u8
-from dreampose.model import load_dreampose
-from dreampose.poses import make_pose_windows, uv_file_name
+from dreampose.pipeline.images import clip_pixels, resize_u8
+from dreampose.loaders.load import load_dreampose
+from dreampose.pipeline.poses import make_pose_windows, uv_file_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VIDEOS, FRAMES = 3, 5

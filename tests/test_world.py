@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from dreampose import world
-from dreampose.cli import main
-from dreampose.dataset import MARKER, find_videos, load_frame, load_pose
+from dreampose.data import world
+from dreampose.cli.main import main
+from dreampose.data.dataset import MARKER, find_videos, load_frame, load_pose
 from dreampose.errors import DreamPoseError
 
 H, W, F = 96, 64, 16

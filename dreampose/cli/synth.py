@@ -1,0 +1,100 @@
+"""``python -m dreampose synth``: write the synthetic fashion-video world as a prepared dataset.
+
+Each video is a folder of ``frame_N.png`` + ``frame_N_densepose.npy`` with exact UV, the layout
+``train`` and ``eval`` read; ``--preview`` draws a contact sheet so a person can check the data.
+"""
+from __future__ import annotations
+
+import os
+
+from .main import _err, _int_at_least, _positive_float, _positive_int
+from ..errors import DreamPoseError
+
+PREVIEW_ROWS = 4      # videos shown in a contact sheet
+PREVIEW_COLUMNS = 6   # frames shown per video
+
+
+def add_parser(sub) -> None:
+    """Register the subcommand on the argparse sub-parsers object."""
+    p = sub.add_parser(
+        "synth", help="write synthetic fashion videos with exact DensePose-style UV (training/eval data)",
+        description="A parametric 2D person in a textured outfit, moving on a plain background: frames and "
+                    "their exact UV, written as prepared video folders OUT/SPLIT/world_NNNN/ (the layout "
+                    "`train` and `eval` read). Subjects and motions come from --seed; the train and test "
+                    "splits never share a subject seed or a motion seed. Finished folders are kept, so an "
+                    "interrupted run resumes.")
+    p.add_argument("--out", required=True, help="dataset root; videos go to OUT/SPLIT/world_NNNN/")
+    p.add_argument("--videos", type=_positive_int, default=16, help="number of videos (default 16)")
+    p.add_argument("--frames", type=int, default=24, help="frames per video (default 24)")
+    p.add_argument("--height", type=int, default=320, help="frame height in pixels, at least 32 (default 320)")
+    p.add_argument("--width", type=int, default=256, help="frame width in pixels, at least 32 (default 256)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="dataset seed (default 0)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="train", help="default train")
+    p.add_argument("--mp4", action="store_true", help="also write each video as video.mp4 in its folder "
+                                                      "(an input for `prepare`)")
+    p.add_argument("--fps", type=_positive_float, default=8.0, help="frame rate recorded (and of --mp4; default 8)")
+    p.add_argument("--preview", metavar="PNG", help="also write a contact sheet: up to 4 videos, a few frames "
+                                                    "each, UV visualised under every frame")
+    p.add_argument("--quiet", action="store_true", help="no per-video progress lines")
+    p.set_defaults(func=cmd_synth)
+
+
+def _check(args) -> None:
+    if args.frames < 1:
+        raise DreamPoseError(f"--frames must be at least 1, got {args.frames}")
+    for flag in ("height", "width"):
+        if getattr(args, flag) < 32:
+            raise DreamPoseError(f"--{flag} must be at least 32 pixels, got {getattr(args, flag)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DreamPoseError(f"--out {args.out} is a file; give a folder for the dataset")
+    if args.preview:
+        if not args.preview.lower().endswith(".png"):
+            raise DreamPoseError(f"--preview must name a .png file, got {args.preview}")
+        if os.path.isdir(args.preview):
+            raise DreamPoseError(f"--preview {args.preview} is a folder; give a .png file name")
+
+
+def write_preview(path: str, folders: list[str], columns: int = PREVIEW_COLUMNS) -> str:
+    """A contact sheet PNG: one row per video (at most PREVIEW_ROWS), ``columns`` evenly spaced
+    frames, each with its UV (R = body, G = U, B = V) drawn under it; read back from the files."""
+    import numpy as np
+
+    from ..data.dataset import load_frame, load_pose, read_video_folder
+    from ..data.densepose import visualize
+    from ..pipeline.video import save_image
+
+    rows = []
+    for folder in folders[:PREVIEW_ROWS]:
+        video = read_video_folder(folder)
+        picks = sorted({round(i * (len(video) - 1) / max(columns - 1, 1)) for i in range(columns)})
+        cells = []
+        for i in picks:
+            frame = load_frame(video.frames[i]).permute(1, 2, 0).numpy()
+            uv = (visualize(load_pose(video.poses[i]))[0].numpy() * 255).round().astype(np.uint8)
+            cells.append(np.concatenate([frame, uv], axis=0))
+        pad = np.full_like(cells[0], 255)
+        cells += [pad] * (columns - len(cells))    # short videos leave blank cells
+        rows.append(np.concatenate(cells, axis=1))
+    return save_image(np.concatenate(rows, axis=0), path)
+
+
+def cmd_synth(args) -> int:
+    _check(args)
+    from ..data.world import write_world_dataset  # numpy/torch: only when the command runs
+
+    done = {"made": 0, "kept": 0}
+
+    def progress(k, total, folder, skipped):
+        done["kept" if skipped else "made"] += 1
+        if not args.quiet:
+            _err(f"synth: video {k}/{total} {folder}" + ("  (already finished, kept)" if skipped else ""))
+
+    folders = write_world_dataset(args.out, videos=args.videos, frames=args.frames, height=args.height,
+                                  width=args.width, seed=args.seed, split=args.split, mp4=args.mp4,
+                                  progress=progress, fps=args.fps)
+    if args.preview:
+        write_preview(args.preview, folders)
+    print(f"synth: {len(folders)} video(s) of {args.frames} frame(s) at {args.width}x{args.height} in "
+          f"{os.path.join(args.out, args.split)} ({done['made']} written, {done['kept']} already finished)"
+          + (f"; preview {args.preview}" if args.preview else ""), flush=True)
+    return 0

@@ -1,0 +1,106 @@
+"""Prepared video folders: the on-disk dataset that ``prepare`` and the synthetic world write and
+``train`` and ``eval`` read.
+
+One video is one folder holding ``frame_N.png`` (RGB) and, beside each, ``frame_N_densepose.npy``
+((2,H,W) U,V, 0 on the background): the layout the authors' DensePose script wrote, so a prepared
+folder is also a valid ``animate --poses`` folder. A ``prepared.json`` marker is written last; a
+folder without it is unfinished (``prepare`` resumes it, readers skip it with a warning).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..files.weights import atomic_output
+from ..errors import DreamPoseError
+from ..pipeline.poses import load_uv_file, uv_file_name
+
+MARKER = "prepared.json"
+_FRAME_PNG = re.compile(r"^frame_(\d+)\.png$")
+
+
+def frame_file_name(number: int) -> str:
+    return f"frame_{number}.png"
+
+
+@dataclass(frozen=True)
+class VideoFolder:
+    """A finished prepared video: frame images and their UV files, in frame order."""
+
+    path: str
+    frames: tuple[str, ...]
+    poses: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path.rstrip(os.sep))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def info(self) -> dict:
+        with open(os.path.join(self.path, MARKER)) as f:
+            return json.load(f)
+
+
+def read_video_folder(path: str) -> VideoFolder:
+    """Check one prepared folder: a marker, at least one frame, a UV file for every frame."""
+    if not os.path.isfile(os.path.join(path, MARKER)):
+        raise DreamPoseError(f"{path!r} is not a finished prepared video (no {MARKER}); run "
+                             "`python -m dreampose prepare` on its source again to finish it")
+    numbers = sorted(int(m.group(1)) for n in os.listdir(path) if (m := _FRAME_PNG.match(n)))
+    if not numbers:
+        raise DreamPoseError(f"{path!r} holds no frame_N.png images")
+    missing = [n for n in numbers if not os.path.isfile(os.path.join(path, uv_file_name(n)))]
+    if missing:
+        raise DreamPoseError(f"{path!r}: {len(missing)} frame(s) have no DensePose file, e.g. "
+                             f"{uv_file_name(missing[0])}; prepare the video again")
+    return VideoFolder(path, tuple(os.path.join(path, frame_file_name(n)) for n in numbers),
+                       tuple(os.path.join(path, uv_file_name(n)) for n in numbers))
+
+
+def find_videos(roots: list[str] | str, warn=None) -> list[VideoFolder]:
+    """Every finished prepared video below ``roots`` (searched recursively), sorted by path.
+
+    Unfinished folders (frames but no marker) are skipped and reported through ``warn``.
+    """
+    roots = [roots] if isinstance(roots, str) else list(roots)
+    videos = []
+    for root in roots:
+        if not os.path.isdir(root):
+            raise DreamPoseError(f"dataset folder not found: {root!r}")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            if MARKER in filenames:
+                videos.append(read_video_folder(dirpath))
+            elif warn is not None and any(_FRAME_PNG.match(n) for n in filenames):
+                warn(f"skipping {dirpath!r}: unfinished (no {MARKER})")
+    if not videos:
+        raise DreamPoseError(f"no prepared videos under {roots}: make them with `python -m dreampose prepare` "
+                             "(or `python -m dreampose synth` for the synthetic world)")
+    return sorted(videos, key=lambda v: v.path)
+
+
+def load_frame(path: str) -> torch.Tensor:
+    """``[3,H,W]`` uint8 RGB."""
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_pose(path: str) -> torch.Tensor:
+    """``[2,H,W]`` float32 raw UV."""
+    return load_uv_file(path)
+
+
+def write_marker(folder: str, **info) -> str:
+    """Write the finished-marker atomically (temp name, then rename)."""
+    path = os.path.join(folder, MARKER)
+    with atomic_output(path, ".json", mode=0o666) as tmp, open(tmp, "w") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+    return path

@@ -1,0 +1,287 @@
+"""Building the networks from the files users have, offline, with configs shipped in the package.
+
+Sources accepted:
+* SD 1.x: a diffusers folder (``unet/``, ``vae/``, ``scheduler/``) or one ldm ``.safetensors``/``.ckpt``.
+* CLIP ViT-B/32 vision: a transformers folder or a single file, with ``vision_model.*`` keys
+  (hub/transformers 4 layout, also inside a full CLIP model) or bare ``embeddings.*`` keys
+  (transformers 5). Missing weights are an error: a half-random CLIP would silently draw garbage.
+* DreamPose: the authors' ``unet_epoch_N.pth`` / ``adapter_N.pth`` / ``vae_N.pth``, or our
+  safetensors file (``unet.*``, ``adapter.*``, optional ``vae.*`` keys plus configs in metadata).
+
+Modules are built with their parameters on the meta device and the file's tensors assigned, so a
+860M-parameter UNet is not randomly initialised only to be overwritten, and an fp16 file stays fp16.
+A file that does not fit is reported with what is missing, unexpected or of the wrong shape.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import threading
+from typing import Callable
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from ..models.adapter import EmbeddingAdapter
+from ..files.weights import (KIND_NAMES, guess_kind, modernise_vae_keys, read_metadata, read_state_dict,
+                          strip_module_prefix)
+from ..errors import DreamPoseError
+from ..models.unet import unet_config_with_pose
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+CLIP_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+
+
+def shipped_config(name: str) -> dict:
+    """One of the package's configs: ``sd15_unet``, ``sd15_vae``, ``sd15_scheduler``, ``clip_vit_b32_vision``."""
+    with open(os.path.join(CONFIG_DIR, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_config(path: str) -> dict:
+    """A model's config.json; a damaged one is the user's file to fix, so a DreamPoseError."""
+    try:
+        cfg = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise DreamPoseError(f"{path}: not a readable JSON config ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise DreamPoseError(f"{path}: a config must be a JSON object")
+    return cfg
+
+
+def _clean_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Create parameters on the meta device but buffers for real, in this thread only.
+
+    Building under ``torch.device("meta")`` would also put non-persistent buffers there (CLIP's
+    ``position_ids``); they are not in any weights file, so nothing could fill them and the module
+    would need a second, randomly initialised build. Parameters are all in the file; buffers are
+    small and computed, not learnt, so building them for real is both cheap and correct.
+    """
+    original = torch.nn.Module.register_parameter
+    owner = threading.get_ident()
+
+    def register(module, name, param):
+        if param is not None and not param.is_meta and threading.get_ident() == owner:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _fit_report(expected: dict, state: dict) -> list[str]:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``expected``."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of {len(expected)} weights missing (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                     f"model {tuple(expected[k].shape)})")
+    return parts
+
+
+def instantiate(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], what: str,
+                source: str) -> torch.nn.Module:
+    """Build a module without random init and load ``state`` strictly, with a readable error.
+
+    The file's tensors become the parameters (``assign``): no copy, and their dtype is kept, so an
+    fp16 file gives an fp16 module. A mismatch is reported before anything is assigned.
+    """
+    try:
+        with _parameters_on_meta():
+            module = build()
+    except (TypeError, ValueError, KeyError) as exc:  # a config for another model: diffusers' words are cryptic
+        raise DreamPoseError(f"{source}: its config does not describe a {what} ({str(exc)[:200]})") from exc
+    parts = _fit_report(module.state_dict(), state)
+    if parts:
+        raise DreamPoseError(f"{source}: does not fit a {what}: " + "; ".join(parts) +
+                             ". Check that the file is the right model for this input.")
+    module.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:  # cannot happen for a strict load of persistent weights; never hand out a hollow module
+        raise RuntimeError(f"{what} from {source}: tensors left without data after loading: {left[:3]}")
+    return module.eval().requires_grad_(False)
+
+
+def looks_like(keys) -> str:
+    """Words for what a state dict seems to be, with the fix when it is a known other model."""
+    kind = guess_kind(keys)
+    hint = {"sd_checkpoint": " (give it as the Stable Diffusion base model)",
+            "dreampose": " (give it as the DreamPose weights)", "vae": " (give it as the VAE)"}.get(kind, "")
+    return KIND_NAMES[kind] + hint
+
+
+def _folder_weights(folder: str) -> str:
+    for name in WEIGHT_NAMES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise DreamPoseError(f"{folder}: no weights file (looked for {', '.join(WEIGHT_NAMES)})")
+
+
+def _config_class(folder: str) -> str | None:
+    """The class a folder's config.json is for: diffusers' ``_class_name``, transformers' ``model_type``."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    cfg = read_config(path)
+    return str(cfg.get("_class_name") or cfg.get("model_type") or "")
+
+
+def _subfolder(path: str, sub: str, class_name: str) -> str:
+    """``path/sub`` for a diffusers pipeline folder, ``path`` for a component folder.
+
+    The config must be for ``class_name``: a CLIP or UNet folder given as a VAE has a config.json
+    too, and building from the wrong config fails deep inside diffusers with an unrelated message.
+    """
+    found = [(folder, _config_class(folder)) for folder in (os.path.join(path, sub), path)]
+    for folder, cls in found:
+        if cls in (class_name, ""):  # "" = a hand-written config without a class name
+            return folder
+    others = ", ".join(f"{os.path.relpath(os.path.join(f, 'config.json'), path)} is for {c}"
+                       for f, c in found if c is not None)
+    raise DreamPoseError(f"{path}: not a diffusers folder with a {class_name} (no {sub}/config.json for it"
+                         f"{'; found ' + others if others else ''}); give the Stable Diffusion 1.x folder or a "
+                         "single .safetensors checkpoint")
+
+
+def _missing(path: str, what: str) -> None:
+    if not path or not os.path.exists(path):
+        raise DreamPoseError(f"{what} not found: {path!r}")
+
+
+def load_base_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
+    """The SD 1.x UNet (4 input channels) from a diffusers folder or an ldm single file."""
+    _missing(path, "Stable Diffusion 1.x model")
+    if os.path.isdir(path):
+        folder = _subfolder(path, "unet", "UNet2DConditionModel")
+        config = _clean_config(config or read_config(os.path.join(folder, "config.json")))
+        state = read_state_dict(_folder_weights(folder))
+    else:
+        config = _clean_config(config or shipped_config("sd15_unet"))
+        raw = read_state_dict(path, "Stable Diffusion 1.x checkpoint")
+        if not any(k.startswith("model.diffusion_model.") for k in raw):
+            raise DreamPoseError(f"{path}: no 'model.diffusion_model.*' weights; this is not a full Stable "
+                                 f"Diffusion 1.x checkpoint, it looks like {looks_like(raw)}")
+        state = convert_ldm_unet_checkpoint(raw, config)
+    return instantiate(lambda: UNet2DConditionModel.from_config(config), state, "Stable Diffusion 1.x UNet", path)
+
+
+def _is_diffusers_vae(state: dict) -> bool:
+    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state)
+
+
+def load_vae(path: str, config: dict | None = None) -> AutoencoderKL:
+    """SD 1.x VAE from a diffusers folder, an ldm checkpoint/VAE file, or a diffusers-keyed state dict
+    (the authors' ``vae_N.pth``, old attention names accepted)."""
+    _missing(path, "VAE")
+    if os.path.isdir(path):
+        folder = _subfolder(path, "vae", "AutoencoderKL")
+        config = _clean_config(config or read_config(os.path.join(folder, "config.json")))
+        state = read_state_dict(_folder_weights(folder))
+    else:
+        config = _clean_config(config or shipped_config("sd15_vae"))
+        raw = strip_module_prefix(read_state_dict(path, "VAE file"))
+        if guess_kind(raw) not in ("vae", "sd_checkpoint", "unknown"):
+            raise DreamPoseError(f"{path}: not a VAE, it looks like {looks_like(raw)}")
+        state = raw if _is_diffusers_vae(raw) else convert_ldm_vae_checkpoint(raw, config)
+    state = modernise_vae_keys(state)
+    return instantiate(lambda: AutoencoderKL.from_config(config), state, "Stable Diffusion VAE", path)
+
+
+def normalise_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare CLIP vision keys (``embeddings.*`` …) from either layout; text tower and projection dropped."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        if k.startswith(CLIP_PREFIXES) and not k.endswith("position_ids"):
+            out[k] = v
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _clip_keys_have_prefix() -> bool:
+    """Whether this transformers names CLIPVisionModel weights ``vision_model.*`` (4.x) or bare (5.x)."""
+    probe = CLIPVisionModel(CLIPVisionConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                             num_attention_heads=1, image_size=8, patch_size=8))
+    return any(k.startswith("vision_model.") for k in probe.state_dict())
+
+
+def load_clip_vision(path: str, config: dict | None = None) -> CLIPVisionModel:
+    """CLIP vision tower from a folder (``config.json`` + weights) or a single file (ViT-B/32 config)."""
+    _missing(path, "CLIP vision model")
+    folder_config = os.path.join(path, "config.json")
+    if os.path.isdir(path):
+        weights = _folder_weights(path)
+        cfg = config or (read_config(folder_config) if os.path.isfile(folder_config) else None)
+    else:
+        cfg, weights = config, path
+    cfg = cfg or shipped_config("clip_vit_b32_vision")  # shapes are still checked strictly against the file
+    return clip_from_state(read_state_dict(weights, "CLIP vision weights"), cfg, weights)
+
+
+def clip_from_state(raw: dict[str, torch.Tensor], cfg: dict, source: str) -> CLIPVisionModel:
+    """A CLIP vision tower from weights in either key layout and its config (strict load)."""
+    state = normalise_clip_keys(raw)
+    if not any(k.startswith("embeddings.") for k in state):
+        raise DreamPoseError(f"{source}: no CLIP vision weights (keys 'vision_model.*' or 'embeddings.*'), it "
+                             f"looks like {looks_like(raw)}; give the openai/clip-vit-base-patch32 model")
+    if "vision_config" in cfg:  # a full CLIPModel config
+        cfg = cfg["vision_config"]
+    vision_config = CLIPVisionConfig(**_clean_config(cfg))
+    if _clip_keys_have_prefix():  # transformers 4 layout
+        state = {f"vision_model.{k}": v for k, v in state.items()}
+    return instantiate(lambda: CLIPVisionModel(vision_config), state, "CLIP vision model (ViT-B/32)", source)
+
+
+def load_adapter_state(state: dict[str, torch.Tensor], source: str) -> EmbeddingAdapter:
+    state = strip_module_prefix(state)
+    if "vae2clip.weight" not in state or "linear1.weight" not in state:
+        raise DreamPoseError(f"{source}: not a DreamPose adapter (expected vae2clip.* and linear1.* weights), "
+                             f"it looks like {looks_like(state)}")
+    width, features = state["vae2clip.weight"].shape
+    clip_tokens, total = state["linear1.weight"].shape
+    return instantiate(lambda: EmbeddingAdapter(width, clip_tokens, total - clip_tokens, features),
+                       state, "DreamPose embedding adapter", source)
+
+
+def load_authors_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
+    """``unet_epoch_N.pth``: full 14-channel UNet state dict (``module.`` prefix optional)."""
+    state = strip_module_prefix(read_state_dict(path, "DreamPose UNet file"))
+    if "conv_in.weight" not in state:
+        raise DreamPoseError(f"{path}: not the authors' UNet state dict (no conv_in.weight), it looks like "
+                             f"{looks_like(state)}")
+    cfg = unet_config_with_pose(config or shipped_config("sd15_unet"))
+    return instantiate(lambda: UNet2DConditionModel.from_config(cfg), state, "14-channel DreamPose UNet", path)
+
+
+def load_authors_adapter(path: str) -> EmbeddingAdapter:
+    return load_adapter_state(read_state_dict(path, "DreamPose adapter file"), path)
+
+
+def is_dreampose_file(path: str) -> bool:
+    return read_metadata(path).get("format") == "dreampose"

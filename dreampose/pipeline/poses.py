@@ -1,0 +1,175 @@
+"""DensePose UV sequences and the 5-frame pose windows the UNet is conditioned on (paper §4.2).
+
+A frame's pose is DensePose UV ``[2,H,W]`` (U then V, ≈0..1 on the body, 0 elsewhere), the layout
+of the authors' ``frame_N_densepose.npy`` files. The UNet sees, for frame i, the poses
+i−2..i+2 stacked to 10 channels; a neighbour that falls outside the sequence is replaced by the
+centre pose (the official ``test.py`` behaviour). As in the official pipeline each pose is resized
+bilinearly to the output size, mapped to −1..1 by ``(x−0.5)/0.5``, then sampled to latent size by
+nearest interpolation. Both steps commute with stacking, so we keep one normalised UV map per frame
+at latent size and gather windows on demand: memory grows with 2 channels a frame, not 10.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DreamPoseError
+from ..models.unet import POSE_FRAMES
+
+WINDOW_OFFSETS = tuple(range(-(POSE_FRAMES // 2), POSE_FRAMES // 2 + 1))  # (-2, -1, 0, 1, 2)
+LATENT_SCALE = 8
+_NPY_NAME = re.compile(r"^frame_(\d+)_densepose\.npy$")
+
+
+def window_indices(num_frames: int, offsets: tuple[int, ...] = WINDOW_OFFSETS) -> torch.Tensor:
+    """``[F,len(offsets)]`` source frame for each window slot; outside the sequence → the centre frame."""
+    centre = torch.arange(num_frames).unsqueeze(1)
+    idx = centre + torch.tensor(offsets).unsqueeze(0)
+    return torch.where((idx >= 0) & (idx < num_frames), idx, centre)
+
+
+def check_uv(uv: torch.Tensor) -> torch.Tensor:
+    """Accept ``[2,H,W]`` or ``[F,2,H,W]``; return ``[F,2,H,W]`` float32 or raise a clear error."""
+    if not isinstance(uv, torch.Tensor):
+        uv = torch.as_tensor(np.asarray(uv))
+    if uv.ndim == 3:
+        uv = uv.unsqueeze(0)
+    if uv.ndim != 4 or uv.shape[1] != 2:
+        raise DreamPoseError(
+            f"DensePose UV must be [frames, 2, H, W] (U and V channels), got shape {tuple(uv.shape)}; "
+            "a 3-channel IUV picture or a coloured DensePose visualisation is not raw UV")
+    if uv.shape[0] == 0:
+        raise DreamPoseError("the pose sequence is empty: give at least one DensePose UV frame")
+    uv = uv.float()
+    if not torch.isfinite(uv).all():
+        raise DreamPoseError("the DensePose UV contains NaN or infinite values")
+    return uv
+
+
+def list_uv_files(folder: str) -> list[str]:
+    """The ``frame_N_densepose.npy`` files of a folder, in numeric frame order."""
+    if not os.path.isdir(folder):
+        raise DreamPoseError(f"pose folder not found: {folder!r} (expected a folder of frame_N_densepose.npy files)")
+    found = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _NPY_NAME.match(name)))
+    if not found:
+        raise DreamPoseError(f"no frame_N_densepose.npy files in {folder!r}")
+    return [os.path.join(folder, name) for _, name in found]
+
+
+def select_range(files: list[str], start: int, count: int, folder: str) -> list[str]:
+    """``count`` files from ``start`` (all when ``count`` ≤ 0); an empty pick is the user's error."""
+    picked = files[start:]
+    if count > 0:
+        picked = picked[:count]
+    if not picked:
+        raise DreamPoseError(f"{folder!r}: no frames left after skipping {start} of {len(files)}")
+    return picked
+
+
+def load_uv_file(path: str) -> torch.Tensor:
+    """One authors'-format pose file, ``[2,H,W]``; never unpickles (``allow_pickle=False``)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise DreamPoseError(f"{path}: not a plain numeric .npy array ({exc})") from exc
+    if arr.ndim != 3 or arr.shape[0] != 2:
+        raise DreamPoseError(f"{path}: expected a (2, H, W) UV array, got shape {arr.shape}")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def load_uv_folder(folder: str, start: int = 0, count: int = 0) -> torch.Tensor:
+    """A folder of ``frame_N_densepose.npy`` → ``[F,2,H,W]``, frames in numeric order (not name order).
+
+    Frames are neighbours by their position in the sorted list, so a folder numbered with a stride
+    still gets real neighbours (the official code silently fell back to the centre pose there).
+    """
+    files = select_range(list_uv_files(folder), start, count, folder)
+    frames = [load_uv_file(p) for p in files]
+    shapes = {tuple(f.shape) for f in frames}
+    if len(shapes) != 1:
+        raise DreamPoseError(f"{folder!r}: pose files have different sizes {sorted(shapes)}")
+    return torch.stack(frames)
+
+
+def uv_file_name(number: int) -> str:
+    """The authors' name for frame ``number``'s pose file."""
+    return f"frame_{number}_densepose.npy"
+
+
+def prepare_frame_folder(folder: str, pattern: re.Pattern, overwrite: bool) -> None:
+    """Create ``folder``; refuse to mix new frames with frames already there unless ``overwrite``,
+    which removes only the files named like the ones about to be written."""
+    os.makedirs(folder, exist_ok=True)
+    existing = sorted(n for n in os.listdir(folder) if pattern.match(n))
+    if existing and not overwrite:
+        raise DreamPoseError(f"{folder!r} already holds {len(existing)} frame file(s) like {existing[0]!r}; "
+                             "choose another folder or turn on overwrite (which replaces them)")
+    for name in existing:
+        os.remove(os.path.join(folder, name))
+
+
+def save_uv_folder(folder: str, uv: torch.Tensor, start: int = 0, overwrite: bool = False) -> list[str]:
+    """``[F,2,H,W]`` UV → ``frame_N_densepose.npy`` files (N = start, start+1, …), each a float32
+    ``(2, H, W)`` array: the authors' layout (theirs were float64; :func:`load_uv_folder` reads both)."""
+    uv = check_uv(uv).detach().cpu()
+    if start < 0:
+        raise DreamPoseError(f"the first frame number must be 0 or more, got {start}")
+    prepare_frame_folder(folder, _NPY_NAME, overwrite)
+    paths = []
+    for i, frame in enumerate(uv):
+        path = os.path.join(folder, uv_file_name(start + i))
+        np.save(path, frame.numpy().astype(np.float32), allow_pickle=False)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class PoseWindows:
+    """A pose sequence ready for sampling: normalised UV at latent size plus the window table."""
+
+    uv: torch.Tensor          # [F,2,h,w], −1..1 on the body, −1 background (after (x−0.5)/0.5)
+    indices: torch.Tensor     # [F,5] long, which frame fills each window slot
+    height: int               # output size in pixels (the latent is height/8 × width/8)
+    width: int
+
+    def __len__(self) -> int:
+        return self.uv.shape[0]
+
+    def windows(self, frames: slice | torch.Tensor | list[int] = slice(None)) -> torch.Tensor:
+        """``[n,10,h,w]`` UNet pose channels for the chosen frames (p(i−2)u,v … p(i+2)u,v)."""
+        idx = self.indices[frames]
+        gathered = self.uv[idx.reshape(-1)]                       # [n·5,2,h,w]
+        return gathered.reshape(idx.shape[0], -1, *self.uv.shape[-2:])
+
+    def to(self, device=None, dtype=None) -> "PoseWindows":
+        return PoseWindows(self.uv.to(device=device, dtype=dtype), self.indices, self.height, self.width)
+
+
+def check_output_size(height: int, width: int) -> None:
+    if height <= 0 or width <= 0 or height % 64 or width % 64:
+        raise DreamPoseError(
+            f"output size {width}×{height} (W×H) is not a multiple of 64; pick e.g. 512×640, the size "
+            "DreamPose was trained at")
+
+
+def make_pose_windows(uv: torch.Tensor, height: int = 640, width: int = 512,
+                      offsets: tuple[int, ...] = WINDOW_OFFSETS) -> PoseWindows:
+    """UV ``[F,2,H,W]`` at any size → :class:`PoseWindows` for an output of ``height×width`` pixels.
+
+    ``offsets`` picks the window; ``(0,0,0,0,0)`` gives the paper's 1-pose ablation.
+    """
+    check_output_size(height, width)
+    uv = check_uv(uv)
+    if len(offsets) != POSE_FRAMES:
+        raise DreamPoseError(f"a pose window has {POSE_FRAMES} slots, got offsets {offsets}")
+    latent = []
+    for chunk in uv.split(16):  # bounded memory for long sequences at full resolution
+        full = F.interpolate(chunk, (height, width), mode="bilinear", align_corners=False)
+        latent.append(F.interpolate((full - 0.5) / 0.5, (height // LATENT_SCALE, width // LATENT_SCALE),
+                                    mode="nearest"))
+    return PoseWindows(torch.cat(latent), window_indices(uv.shape[0], offsets), height, width)

@@ -1,0 +1,119 @@
+"""Writing generated frames to disk: numbered PNGs and an MP4 (OpenCV, ``mp4v``).
+
+Frames come in as ComfyUI's IMAGE layout ``[F,H,W,3]``, float 0..1 (or uint8), RGB. OpenCV wants
+BGR, so channels are swapped exactly once, here. The MP4 is written under a temporary name in the
+destination folder and renamed when complete, so a crash never leaves a truncated video behind
+under the final name.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import cv2
+import numpy as np
+import torch
+
+from ..files.weights import atomic_output
+from ..errors import DreamPoseError
+
+FRAME_PATTERN = "frame_{:04d}.png"
+
+
+def to_uint8(frames) -> np.ndarray:
+    """``[F,H,W,3]`` float 0..1 or uint8 (torch or numpy) → contiguous uint8 numpy, RGB."""
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu()
+        frames = frames.numpy() if frames.dtype == torch.uint8 else frames.float().numpy()
+    frames = np.asarray(frames)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise DreamPoseError(f"frames must be [F,H,W,3] RGB, got shape {tuple(frames.shape)}")
+    if frames.shape[0] == 0:
+        raise DreamPoseError("no frames to write")
+    if frames.dtype == np.uint8:
+        return np.ascontiguousarray(frames)
+    if not np.isfinite(frames).all():
+        raise DreamPoseError("frames contain NaN or infinite values (a precision problem? try --dtype fp32)")
+    return np.ascontiguousarray((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
+
+
+def save_png_frames(frames, folder: str, pattern: str = FRAME_PATTERN, start: int = 0) -> list[str]:
+    """One PNG per frame, ``frame_0000.png`` …; returns the paths."""
+    video = to_uint8(frames)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(video):
+        path = os.path.join(folder, pattern.format(start + i))
+        if not cv2.imwrite(path, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
+            raise DreamPoseError(f"could not write {path}")
+        paths.append(path)
+    return paths
+
+
+def write_mp4(frames, path: str, fps: float = 30.0) -> str:
+    """Encode frames as MPEG-4 part 2 (``mp4v``, playable without extra codecs); atomic rename."""
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise DreamPoseError(f"fps must be a positive number, got {fps!r}")
+    video = to_uint8(frames)
+    _, height, width, _ = video.shape
+    with atomic_output(path, ".mp4", mode=0o666) as tmp:     # the suffix picks the container
+        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+        try:
+            if not writer.isOpened():
+                raise DreamPoseError(f"OpenCV could not open an mp4v video writer for {path} "
+                                     "(this OpenCV build may lack the MPEG-4 encoder)")
+            for frame in video:
+                writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+        finally:
+            writer.release()
+        if os.path.getsize(tmp) == 0:
+            raise DreamPoseError(f"OpenCV wrote an empty video for {path}")
+    return path
+
+
+def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreampose.mp4") -> tuple[list[str], str]:
+    """PNG frames and the MP4 in ``folder``; returns (png paths, mp4 path)."""
+    video = to_uint8(frames)
+    pngs = save_png_frames(video, folder)
+    mp4 = write_mp4(video, os.path.join(folder, video_name), fps)
+    return pngs, mp4
+
+
+def write_gif(frames, path: str, fps: float = 8.0) -> str:
+    """An animated GIF (loops forever; shows inline on GitHub and in most viewers); atomic rename."""
+    from PIL import Image
+
+    video = to_uint8(frames)
+    with atomic_output(path, ".gif", mode=0o666) as tmp:
+        images = [Image.fromarray(f) for f in video]
+        images[0].save(tmp, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
+    return path
+
+
+def contact_sheet(rows, gap: int = 2, background: int = 255) -> np.ndarray:
+    """Rows of frames (each ``[F,H,W,3]``, same H and W) → one uint8 picture, a row per sequence.
+
+    Rows may have different lengths; short rows are left blank at the end.
+    """
+    rows = [to_uint8(r) for r in rows]
+    if not rows:
+        raise DreamPoseError("a contact sheet needs at least one row of frames")
+    sizes = {r.shape[1:3] for r in rows}
+    if len(sizes) != 1:
+        raise DreamPoseError(f"contact sheet rows have different frame sizes {sorted(sizes)}")
+    (h, w), cols = sizes.pop(), max(r.shape[0] for r in rows)
+    sheet = np.full((len(rows) * (h + gap) - gap, cols * (w + gap) - gap, 3), background, np.uint8)
+    for i, row in enumerate(rows):
+        for j, frame in enumerate(row):
+            sheet[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = frame
+    return sheet
+
+
+def save_image(image, path: str) -> str:
+    """One RGB ``[H,W,3]`` picture (float 0..1 or uint8), in the format its name says; atomic rename."""
+    with atomic_output(path, os.path.splitext(path)[1], mode=0o666) as tmp:   # the suffix picks the format
+        if not cv2.imwrite(tmp, cv2.cvtColor(to_uint8(image)[0], cv2.COLOR_RGB2BGR)):
+            raise DreamPoseError(f"could not write {path}")
+    return path

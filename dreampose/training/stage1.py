@@ -1,0 +1,862 @@
+"""Stage-1 training (paper §4; official-code-notes.md §5): UNet + adapter on prepared videos.
+
+From Stable Diffusion 1.x and CLIP ViT-B/32 (a fresh DreamPose: conv_in widened with zero pose
+weights, an adapter whose VAE path starts at zero) or from one of our bundles, the UNet and the
+adapter learn to predict the noise of a target frame j given another frame i of the same video (the
+condition, through frozen CLIP and the frozen VAE) and the poses j−2..j+2 (or j alone five times,
+the paper's 1-pose ablation). Everything a sample is made of is built the way the sampler builds
+it at inference, so training and sampling agree:
+
+* the condition frame is resized to 640×512 with PIL bicubic; CLIP sees it through CLIPProcessor's
+  arithmetic, the VAE in −1..1 (the ``standard`` convention); its latent is a posterior sample;
+* the pose channels are ``poses.make_pose_windows`` of the window's frames (bilinear to the output
+  size, (x−0.5)/0.5, nearest to latent size; the centre frame fills slots outside the video);
+* conditioning dropout is per sample, [0, r/3) pose only, [r/3, 2r/3) image only, [2r/3, r) both
+  (r = 0.15: 5 % / 5 % / 5 %), with the sampler's nulls: CLIP of a black frame and the VAE posterior
+  of a −1 frame for the image, zeros for the pose (the rule of ``finetune.py``);
+* the loss is SD's ε-MSE (v-MSE for a v-prediction schedule) at t ~ U{0..T−1}.
+
+``conditioning="clip"`` is the paper's CLIP-only ablation: the adapter's VAE-token columns of
+``linear1`` are zeroed at the start, their gradient is masked and they are re-zeroed after every
+step; ``vae2clip`` is frozen; the VAE never encodes the condition, since nothing of it could reach
+the UNet.
+
+Distribution is Hugging Face ``accelerate``: one process, ``accelerate launch`` or ``torchrun`` run
+the same code. The effective batch ``batch_size`` = micro-batch × accumulation × processes.
+
+Exact resume without any data-loader state: every random number of micro-step ``m`` of optimizer
+step ``s`` on rank ``r`` comes from a CPU generator seeded by (seed, s, m, r). Draw order per micro-batch:
+for each sample its target frame, its condition frame, its dropout value; then the noise of the
+target's posterior sample [B,4,h,w], of the condition's [B,4,80,64], of the null image's [B,4,80,64],
+the timesteps [B] and ε [B,4,h,w]. A checkpoint (``accelerator.save_state``: model, optimizer,
+scaler; plus ``train_state.json``) therefore continues the very same run. Frozen encodings are
+computed one frame at a time, so caching them (``cache_conditioning``) changes no number.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.adapter import hold_vae_tokens_at_zero
+from ..files.weights import atomic_output
+from ..pipeline.conditioning import COND_HEIGHT, COND_WIDTH, VAE_SCALE, vae_inputs
+from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose
+from ..errors import DreamPoseError
+from .finetune import _latent_dist, _noise_scheduler, _resize
+from ..pipeline.images import check_image, clip_pixels, resize_u8
+from ..pipeline.poses import (
+    LATENT_SCALE,
+    WINDOW_OFFSETS,
+    check_output_size,
+    make_pose_windows,
+    window_indices,
+)
+from ..models.unet import POSE_FRAMES
+
+__all__ = [
+    "CONDITIONINGS",
+    "MIXED_PRECISIONS",
+    "POSE_WINDOWS",
+    "RESUME_KEYS",
+    "Draws",
+    "DreamPoseTrainable",
+    "FrameIndex",
+    "TrainBatch",
+    "TrainConfig",
+    "TrainData",
+    "TrainResult",
+    "batch_loss",
+    "check_config",
+    "draw_micro_batch",
+    "draw_samples",
+    "dropout_flags",
+    "find_checkpoint",
+    "grad_accumulation",
+    "load_training_model",
+    "train",
+]
+
+CONDITIONINGS = ("clip-vae", "clip")
+POSE_WINDOWS = (5, 1)
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "train_state.json"
+LOG_NAME = "train_log.jsonl"
+FINAL_NAME = "dreampose.safetensors"
+CONVENTION = "standard"
+# what must match for a resumed run to be the same run (the rest, e.g. lr or steps, may change)
+RESUME_KEYS = ("dataset", "videos", "frames", "batch_size", "seed", "height", "width", "pose_window",
+               "conditioning", "dropout", "frozen_weights")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-step_"
+_COND_LATENT = (4, COND_HEIGHT // LATENT_SCALE, COND_WIDTH // LATENT_SCALE)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    """One stage-1 run. ``data``: roots of prepared videos; weights: ``base`` (SD 1.x) or ``init``
+    (our bundle) plus ``clip`` (and optionally ``vae``)."""
+
+    data: list[str]
+    out: str
+    clip: str | None = None
+    base: str | None = None
+    vae: str | None = None
+    init: str | None = None
+    steps: int = 10000
+    batch_size: int = 16          # effective: micro_batch × accumulation × processes
+    micro_batch: int = 2
+    lr: float = 5e-6
+    seed: int = 0
+    height: int = 640
+    width: int = 512
+    pose_window: int = 5          # 5: poses j−2..j+2; 1: pose j in all five slots (the paper's ablation)
+    conditioning: str = "clip-vae"  # "clip": the paper's CLIP-only ablation (VAE path held at zero)
+    dropout: float = 0.15         # per-sample conditioning dropout, split pose / image / both
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache_conditioning: bool = False
+    save_every: int = 500
+    keep: int = 2
+    log_every: int = 10
+    resume: str | None = None     # "latest" or a checkpoint folder
+    include_vae: bool = False
+    cpu: bool = False
+    workers: int = 2              # threads reading frames ahead (0: read in the training loop)
+    debug_dir: str | None = None  # per-rank jsonl: samples, loss and a parameter digest per step
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return WINDOW_OFFSETS if self.pose_window == 5 else (0,) * POSE_FRAMES
+
+
+@dataclass
+class TrainResult:
+    model: object              # DreamPoseModel holding the trained UNet and adapter (fp32, on the device)
+    start_step: int            # optimizer steps already done when this run started (resume)
+    steps: int                 # optimizer steps done in total
+    final_path: str | None     # out/dreampose.safetensors (main process; None elsewhere)
+    seconds: float             # wall time of the training loop of this run
+    losses: list[float] = field(default_factory=list)   # mean loss over all ranks, one per step of this run
+    grad_accum: int = 1
+    world_size: int = 1
+    is_main: bool = True
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+def grad_accumulation(batch_size: int, micro_batch: int, world_size: int) -> int:
+    """Accumulation steps that make ``micro_batch × steps × world_size == batch_size``."""
+    per_step = micro_batch * world_size
+    if batch_size % per_step:
+        raise DreamPoseError(
+            f"--batch-size {batch_size} is not a multiple of --micro-batch {micro_batch} × {world_size} "
+            f"process(es) = {per_step}: the effective batch must split evenly, e.g. --batch-size "
+            f"{max(per_step, batch_size // per_step * per_step)} or another --micro-batch")
+    return batch_size // per_step
+
+
+def check_config(config: TrainConfig) -> TrainConfig:
+    """Every option checked before any weights are read; one DreamPoseError listing every problem."""
+    c = config
+    problems = []
+    if not c.data:
+        problems.append("no --data folder given")
+    if not c.out:
+        problems.append("no --out folder given")
+    elif os.path.exists(c.out) and not os.path.isdir(c.out):
+        problems.append(f"--out {c.out} is a file; give a folder")
+    if not c.clip and not _bundle_has_clip(c.init):
+        problems.append("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)")
+    if not c.base and not c.init:
+        problems.append("give --base (Stable Diffusion 1.x, to start a fresh DreamPose) or --init (a DreamPose "
+                        ".safetensors to continue from)")
+    for flag, path in (("clip", c.clip), ("base", c.base), ("vae", c.vae), ("init", c.init)):
+        if path and not os.path.exists(path):
+            problems.append(f"--{flag}: not found: {path}")
+    for name in ("steps", "batch_size", "micro_batch", "save_every", "keep", "log_every"):
+        value = getattr(c, name)
+        if not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a whole number ≥ 1 (got {value!r})")
+    if not isinstance(c.workers, int) or c.workers < 0:
+        problems.append(f"workers must be ≥ 0 (got {c.workers!r})")
+    if not (c.lr > 0 and math.isfinite(c.lr)):
+        problems.append(f"lr must be a positive number (got {c.lr!r})")
+    if c.pose_window not in POSE_WINDOWS:
+        problems.append(f"pose_window must be 5 (poses j−2..j+2) or 1 (pose j only), got {c.pose_window!r}")
+    if c.conditioning not in CONDITIONINGS:
+        problems.append(f"conditioning must be one of {CONDITIONINGS}, got {c.conditioning!r}")
+    if not 0 <= c.dropout < 1:
+        problems.append(f"dropout must be in [0, 1) (got {c.dropout!r})")
+    if c.mixed_precision not in MIXED_PRECISIONS:
+        problems.append(f"mixed_precision must be one of {MIXED_PRECISIONS} (got {c.mixed_precision!r})")
+    if c.weight_decay < 0 or c.max_grad_norm < 0:
+        problems.append("weight_decay and max_grad_norm must be ≥ 0")
+    if c.height <= 0 or c.width <= 0 or c.height % 64 or c.width % 64:
+        problems.append(f"--width {c.width} --height {c.height}: both must be positive multiples of 64 "
+                        "(DreamPose trained at 512×640)")
+    if problems:
+        raise DreamPoseError("train: " + "; ".join(problems))
+    check_output_size(c.height, c.width)
+    return c
+
+
+def _bundle_has_clip(path: str | None) -> bool:
+    from ..loaders.load import bundle_has_clip
+
+    return bool(path) and os.path.isfile(path) and bundle_has_clip(path)
+
+
+def dataset_fingerprint(videos: list[VideoFolder]) -> str:
+    """Identity of the sample space: videos in order, by name and frame count (not by absolute path,
+    so a dataset moved to another disk still resumes)."""
+    listing = [[v.name, len(v)] for v in videos]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+def load_training_model(config: TrainConfig, log: Log | None = None):
+    """The DreamPose to train, from ``base`` (fresh) or ``init`` (our bundle), with ``clip``/``vae``.
+
+    All weight loading lives here: UNet and adapter become fp32 masters, VAE and CLIP stay frozen.
+    """
+    from ..loaders.load import load_dreampose
+
+    model = load_dreampose(clip=config.clip, dreampose=config.init, base=config.base, vae=config.vae,
+                           convention=CONVENTION if not config.init else None)
+    if model.convention != CONVENTION and log is not None:
+        log(f"note: {config.init} uses the {model.convention!r} conditioning convention; training continues it "
+            f"in {CONVENTION!r} (VAE condition in −1..1), and the saved bundles say so")
+    model.convention = CONVENTION
+    model.to("cpu", torch.float32, torch.float32, torch.float32)
+    model.vae.eval().requires_grad_(False)
+    model.clip.eval().requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+class FrameIndex:
+    """Global frame number ↔ (video, frame); every frame of every video is a target equally often."""
+
+    def __init__(self, counts: list[int]):
+        if not counts or min(counts) < 1:
+            raise DreamPoseError("every video needs at least one frame")
+        self.counts = list(counts)
+        self.starts = [0]
+        for n in self.counts:
+            self.starts.append(self.starts[-1] + n)
+
+    @property
+    def total(self) -> int:
+        return self.starts[-1]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        lo, hi = 0, len(self.counts) - 1
+        while lo < hi:   # last start ≤ index
+            mid = (lo + hi + 1) // 2
+            if self.starts[mid] <= index:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo, index - self.starts[lo]
+
+
+def _seed_of(*key: int) -> int:
+    digest = hashlib.sha256(("dreampose-train:" + ":".join(str(int(k)) for k in key)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """The CPU generator of one micro-batch of one rank (``step`` counts completed optimizer steps)."""
+    return torch.Generator().manual_seed(_seed_of(seed, step, micro, rank))
+
+
+def dropout_flags(u: float, rate: float) -> tuple[bool, bool]:
+    """(drop image, drop pose) for a uniform draw ``u``: [0, r/3) pose only, [r/3, 2r/3) image only,
+    [2r/3, r) both: the rule of ``finetune.py``."""
+    drop_pose = u < rate / 3 or rate * 2 / 3 <= u < rate
+    drop_image = rate / 3 <= u < rate
+    return drop_image, drop_pose
+
+
+@dataclass
+class Draws:
+    """Every random number of one micro-batch (all CPU)."""
+
+    samples: list[tuple[int, int, int]]   # (video, target frame j, condition frame i)
+    drop_image: torch.Tensor              # [B] bool
+    drop_pose: torch.Tensor               # [B] bool
+    target_noise: torch.Tensor | None = None   # [B,4,h,w]  posterior sample of the target latent
+    cond_noise: torch.Tensor | None = None     # [B,4,80,64] posterior sample of the condition latent
+    null_noise: torch.Tensor | None = None     # [B,4,80,64] posterior sample of the null image latent
+    timesteps: torch.Tensor | None = None      # [B] long
+    noise: torch.Tensor | None = None          # [B,4,h,w] ε
+
+
+def draw_samples(frames: FrameIndex, generator: torch.Generator, count: int, dropout: float) -> Draws:
+    """Targets uniform over all frames; the condition uniform over the video's other frames (the
+    target itself for a one-frame video); per-sample dropout."""
+    samples, drop_i, drop_p = [], [], []
+    for _ in range(count):
+        v, j = frames.locate(int(torch.randint(frames.total, (1,), generator=generator)))
+        n = frames.counts[v]
+        k = int(torch.randint(max(n - 1, 1), (1,), generator=generator))
+        i = j if n == 1 else (k if k < j else k + 1)
+        u = torch.rand(1, generator=generator, dtype=torch.float64).item()
+        image, pose = dropout_flags(u, dropout)
+        samples.append((v, j, i))
+        drop_i.append(image)
+        drop_p.append(pose)
+    return Draws(samples, torch.tensor(drop_i, dtype=torch.bool), torch.tensor(drop_p, dtype=torch.bool))
+
+
+def draw_micro_batch(frames: FrameIndex, config: TrainConfig, step: int, micro: int, rank: int,
+                     num_train_timesteps: int = 1000) -> Draws:
+    """All draws of micro-batch ``micro`` of optimizer step ``step`` on ``rank``, in the documented order."""
+    g = step_generator(config.seed, step, micro, rank)
+    d = draw_samples(frames, g, config.micro_batch, config.dropout)
+    b = config.micro_batch
+    latent = (b, 4, config.height // LATENT_SCALE, config.width // LATENT_SCALE)
+    d.target_noise = torch.randn(latent, generator=g)
+    d.cond_noise = torch.randn((b, *_COND_LATENT), generator=g)
+    d.null_noise = torch.randn((b, *_COND_LATENT), generator=g)
+    d.timesteps = torch.randint(0, num_train_timesteps, (b,), generator=g)
+    d.noise = torch.randn(latent, generator=g)
+    return d
+
+
+# --------------------------------------------------------------------------------------------- data
+
+@dataclass
+class _Files:
+    """Frames and poses read from disk for one micro-batch (only what is not cached)."""
+
+    targets: dict = field(default_factory=dict)   # (v, j) → [1,3,H,W] −1..1
+    conds: dict = field(default_factory=dict)     # (v, i) → [1,3,640,512] uint8
+    poses: dict = field(default_factory=dict)     # (v, k) → [2,h,w] normalised, latent size
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch ready for the UNet (on the training device)."""
+
+    z0: torch.Tensor            # [B,4,h,w] target latent (scaled)
+    pose: torch.Tensor          # [B,10,h,w] pose channels, zeros where the pose is dropped
+    clip_tokens: torch.Tensor   # [B,T,D] CLIP tokens of the condition, of the black frame where dropped
+    cond_latent: torch.Tensor   # [B,4,80,64] condition latent (scaled), the null latent where dropped
+    timesteps: torch.Tensor     # [B]
+    noise: torch.Tensor         # [B,4,h,w]
+    samples: list[tuple[int, int, int]]
+    drop_image: torch.Tensor
+    drop_pose: torch.Tensor
+
+
+class TrainData:
+    """Prepared videos plus the frozen encoders: turns draws into batches.
+
+    Every frozen encoding is computed one frame at a time (so a frame's numbers never depend on
+    what else is in its batch) and, with ``cache``, kept in CPU memory after its first use.
+    """
+
+    def __init__(self, videos: list[VideoFolder], vae, clip, config: TrainConfig, device, cache: bool = False):
+        self.videos, self.vae, self.clip, self.config = videos, vae, clip, config
+        self.device, self.cache = torch.device(device), cache
+        self.frames = FrameIndex([len(v) for v in videos])
+        self.windows = [window_indices(len(v), config.offsets) for v in videos]
+        self.use_vae_condition = config.conditioning == "clip-vae"
+        self._targets: dict = {}   # (v, j) → (mean, std) [4,h,w]
+        self._conds: dict = {}     # (v, i) → (clip [T,D], mean [4,80,64], std)
+        self._poses: dict = {}     # (v, k) → [2,h,w]
+        with torch.no_grad():
+            black = torch.zeros(1, 3, COND_HEIGHT, COND_WIDTH, dtype=torch.uint8)
+            self.null_clip = self._clip_tokens(black)
+            if self.use_vae_condition:
+                self.null_mean, self.null_std = [t[0] for t in _latent_dist(vae, vae_inputs(black, CONVENTION)[1],
+                                                                             "cpu")]
+            else:
+                self.null_mean = self.null_std = torch.zeros(_COND_LATENT)
+
+    # ---- reading (thread-safe: pure functions of the draws and the files)
+    def _window(self, v: int, j: int) -> list[int]:
+        return self.windows[v][j].tolist()
+
+    def read(self, draws: Draws) -> _Files:
+        """Everything of ``draws`` that has to come from disk (skipping what is cached)."""
+        c, files = self.config, _Files()
+        for b, (v, j, i) in enumerate(draws.samples):
+            video = self.videos[v]
+            if (v, j) not in self._targets and (v, j) not in files.targets:
+                x = load_frame(video.frames[j]).float() / 255
+                files.targets[(v, j)] = (_resize(x, c.height, c.width, antialias=True) * 2 - 1).unsqueeze(0)
+            if not draws.drop_image[b] and (v, i) not in self._conds and (v, i) not in files.conds:
+                files.conds[(v, i)] = resize_u8(check_image(load_frame(video.frames[i])), COND_HEIGHT, COND_WIDTH)
+            for k in ([] if draws.drop_pose[b] else self._window(v, j)):
+                if (v, k) not in self._poses and (v, k) not in files.poses:
+                    files.poses[(v, k)] = make_pose_windows(load_pose(video.poses[k]), c.height, c.width).uv[0]
+        return files
+
+    # ---- frozen encoders (one frame at a time)
+    def _clip_tokens(self, key_u8: torch.Tensor) -> torch.Tensor:
+        p = next(self.clip.parameters())
+        return self.clip(pixel_values=clip_pixels(key_u8).to(p.device, p.dtype)).last_hidden_state[0].float().cpu()
+
+    def _target_dist(self, key, files: _Files):
+        if key in self._targets:
+            return self._targets[key]
+        mean, std = _latent_dist(self.vae, files.targets[key], "cpu")
+        out = (mean[0], std[0])
+        if self.cache:
+            self._targets[key] = out
+        return out
+
+    def _cond_encoding(self, key, files: _Files):
+        if key in self._conds:
+            return self._conds[key]
+        u8 = files.conds[key]
+        tokens = self._clip_tokens(u8)
+        if self.use_vae_condition:
+            mean, std = _latent_dist(self.vae, vae_inputs(u8, CONVENTION)[0], "cpu")
+            mean, std = mean[0], std[0]
+        else:   # the VAE path is held at zero: nothing of the condition latent can reach the UNet
+            mean = std = torch.zeros(_COND_LATENT)
+        out = (tokens, mean, std)
+        if self.cache:
+            self._conds[key] = out
+        return out
+
+    def _pose_map(self, key, files: _Files) -> torch.Tensor:
+        if key in self._poses:
+            return self._poses[key]
+        out = files.poses[key]
+        if self.cache:
+            self._poses[key] = out
+        return out
+
+    def pose_channels(self, v: int, j: int, files: _Files) -> torch.Tensor:
+        """``[10,h,w]``: the window's normalised pose maps, as ``make_pose_windows(...).windows([j])``."""
+        return torch.cat([self._pose_map((v, k), files) for k in self._window(v, j)])
+
+    @torch.no_grad()
+    def batch(self, draws: Draws, files: _Files | None = None) -> TrainBatch:
+        """Draws (+ what was read for them) → a batch on the training device."""
+        files = files if files is not None else self.read(draws)
+        z0, pose, tokens, cond = [], [], [], []
+        for b, (v, j, i) in enumerate(draws.samples):
+            t_mean, t_std = self._target_dist((v, j), files)
+            z0.append((t_mean + t_std * draws.target_noise[b]) * VAE_SCALE)
+            if draws.drop_image[b]:
+                tokens.append(self.null_clip)
+                cond.append((self.null_mean + self.null_std * draws.null_noise[b]) * VAE_SCALE)
+            else:
+                c_tokens, c_mean, c_std = self._cond_encoding((v, i), files)
+                tokens.append(c_tokens)
+                cond.append((c_mean + c_std * draws.cond_noise[b]) * VAE_SCALE)
+            if draws.drop_pose[b]:   # the sampler's null pose: zeros after normalisation
+                pose.append(torch.zeros(2 * POSE_FRAMES, *draws.noise.shape[-2:]))
+            else:
+                pose.append(self.pose_channels(v, j, files))
+        dev = self.device
+        return TrainBatch(torch.stack(z0).to(dev), torch.stack(pose).to(dev), torch.stack(tokens).to(dev),
+                          torch.stack(cond).to(dev), draws.timesteps.to(dev), draws.noise.to(dev),
+                          list(draws.samples), draws.drop_image, draws.drop_pose)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+class DreamPoseTrainable(nn.Module):
+    """UNet + adapter as one module, so DDP sees (and synchronises) both through one forward."""
+
+    def __init__(self, unet, adapter):
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+
+    def forward(self, noisy: torch.Tensor, pose: torch.Tensor, timesteps: torch.Tensor, clip_tokens: torch.Tensor,
+                cond_latent: torch.Tensor) -> torch.Tensor:
+        hidden = self.adapter(clip_tokens, cond_latent)
+        return self.unet(torch.cat([noisy, pose], dim=1), timesteps, encoder_hidden_states=hidden).sample
+
+
+def batch_loss(model: nn.Module, batch: TrainBatch, scheduler) -> torch.Tensor:
+    """ε-MSE (v-MSE for v-prediction) of one batch, mean over all elements, in fp32."""
+    noisy = scheduler.add_noise(batch.z0, batch.noise, batch.timesteps)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(batch.z0, batch.noise, batch.timesteps)
+    else:
+        target = batch.noise
+    pred = model(noisy, batch.pose, batch.timesteps, batch.clip_tokens, batch.cond_latent)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def _rezero_vae_tokens(adapter) -> None:
+    """After a step: the VAE-token weights are exactly zero again (they already are: their gradient is
+    masked; this keeps the guarantee independent of the optimizer's arithmetic)."""
+    with torch.no_grad():
+        adapter.linear1.weight[:, adapter.clip_tokens:] = 0
+
+
+def params_digest(module: nn.Module) -> str:
+    """sha256 of every parameter's bytes, in name order (debug: ranks must agree after each step)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.named_parameters()):
+        t = p.detach().float().cpu().contiguous()
+        h.update(name.encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+
+def _complete_checkpoints(out: str) -> list[tuple[int, str]]:
+    folder = os.path.join(out, CHECKPOINTS)
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        m = _STEP_DIR.match(name)
+        path = os.path.join(folder, name)
+        if m and os.path.isfile(os.path.join(path, STATE_NAME)):
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def find_checkpoint(out: str, resume: str) -> str | None:
+    """``latest`` → the newest complete checkpoint under ``out`` (None if there is none); a path → itself."""
+    if resume == "latest":
+        found = _complete_checkpoints(out)
+        return found[-1][1] if found else None
+    if not os.path.isfile(os.path.join(resume, STATE_NAME)):
+        raise DreamPoseError(f"--resume {resume}: not a complete training checkpoint (no {STATE_NAME}); give a "
+                             f"folder like {os.path.join(out, CHECKPOINTS, 'step_N')} or 'latest'")
+    return resume
+
+
+def read_checkpoint_state(path: str) -> dict:
+    try:
+        with open(os.path.join(path, STATE_NAME)) as f:
+            state = json.load(f)
+        int(state["step"])
+        dict(state["config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DreamPoseError(f"{path}: damaged {STATE_NAME} ({exc}); resume from another checkpoint") from exc
+    return state
+
+
+def _compare_resume(saved: dict, current: dict, path: str, keys=RESUME_KEYS) -> None:
+    differ = [k for k in keys if k in current and saved.get(k) != current[k]]
+    if differ:
+        lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differ)
+        raise DreamPoseError(f"cannot resume from {path}: this run differs in {', '.join(differ)} ({lines}). "
+                             "Resume with the checkpoint's settings, or start a new run in another --out folder")
+
+
+def _write_json_atomic(path: str, data) -> None:
+    with atomic_output(path, ".json", mode=0o666) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+class _Reader:
+    """Reads the frames of upcoming micro-batches in worker threads (results are pure functions of the
+    draws, so reading ahead changes no number)."""
+
+    def __init__(self, data: TrainData, make_draws, workers: int):
+        self.data, self.make_draws = data, make_draws
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="dreampose-read") if workers else None
+        self.pending: dict = {}
+
+    def _job(self, key):
+        draws = self.make_draws(*key)
+        return draws, self.data.read(draws)
+
+    def ahead(self, keys) -> None:
+        if self.pool is None:
+            return
+        for key in keys:
+            if key not in self.pending:
+                self.pending[key] = self.pool.submit(self._job, key)
+
+    def get(self, key):
+        future = self.pending.pop(key, None)
+        return future.result() if future is not None else self._job(key)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _upcoming(step: int, micro: int, accum: int, steps: int, count: int):
+    keys = []
+    while len(keys) < count:
+        micro += 1
+        if micro == accum:
+            step, micro = step + 1, 0
+        if step >= steps:
+            break
+        keys.append((step, micro))
+    return keys
+
+
+def _bundle_meta(config: TrainConfig, model, step: int, world: int, accum: int) -> dict:
+    training = dict(config.to_dict(), world_size=world, grad_accum=accum, step=step)
+    return {"convention": CONVENTION, "scheduler_config": model.scheduler_config,
+            "pose_window": str(config.pose_window), "conditioning": config.conditioning,
+            "resolution": f"{config.width}x{config.height}", "height": str(config.height),
+            "width": str(config.width), "step": str(step), "trained": "stage1", "training": training,
+            "base_model": os.path.basename(config.init or config.base or ""), "source": "dreampose train"}
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _trim_log(path: str, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run continues from)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with atomic_output(path, ".jsonl", mode=0o666) as tmp, open(tmp, "w") as f:
+        f.writelines(lines)
+
+
+def train(config: TrainConfig, *, log: Log | None = None, progress: bool = True) -> TrainResult:
+    """Run (or continue) stage-1 training; see the module docstring. Saves under ``config.out``:
+    ``checkpoints/step_N/`` (the last ``keep``), ``dreampose_step_N.safetensors`` at every save,
+    ``dreampose.safetensors`` at the end, ``train_log.jsonl``."""
+    from accelerate import PartialState
+
+    config = check_config(config)
+    say = log or (lambda msg: print(msg, flush=True))
+    state = PartialState(cpu=config.cpu)
+    try:
+        return _run(config, state, say, progress)
+    finally:
+        if not state.use_distributed:
+            # accelerate keeps its settings process-wide and refuses different ones later; a
+            # single-process run gives them back, so a library caller can train again (other precision)
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+
+def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
+    from accelerate import Accelerator
+
+    main, rank, world = state.is_main_process, state.process_index, state.num_processes
+
+    def info(msg: str) -> None:
+        if main:
+            say(msg)
+
+    # 1. everything checkable without weights
+    accum = grad_accumulation(config.batch_size, config.micro_batch, world)
+    videos = find_videos(config.data, warn=info)
+    frames_total = sum(len(v) for v in videos)
+    identity = {"dataset": dataset_fingerprint(videos), "videos": len(videos), "frames": frames_total,
+                **{k: getattr(config, k) for k in ("batch_size", "seed", "height", "width", "pose_window",
+                                                   "conditioning", "dropout")}}
+    resume_path = find_checkpoint(config.out, config.resume) if config.resume else None
+    saved = read_checkpoint_state(resume_path) if resume_path else None
+    if saved:
+        _compare_resume(saved["config"], identity, resume_path)
+    elif config.resume == "latest":
+        info(f"--resume latest: no checkpoint in {os.path.join(config.out, CHECKPOINTS)} yet; starting at step 0")
+    elif _complete_checkpoints(config.out):
+        newest = _complete_checkpoints(config.out)[-1][1]
+        raise DreamPoseError(f"{config.out} already holds checkpoints of a run (newest {newest}): continue it with "
+                             "--resume latest, or start a new run in another --out folder")
+
+    # 2. weights and the accelerator
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=accum, mixed_precision=config.mixed_precision,
+                                  cpu=config.cpu)
+    except (ValueError, RuntimeError) as exc:
+        raise DreamPoseError(f"--mixed-precision {config.mixed_precision} is not available here ({exc}); "
+                             "use --mixed-precision no (or bf16 on a CPU)") from exc
+    device = accelerator.device
+    info(f"{len(videos)} video(s), {frames_total} frame(s); {world} process(es) × micro-batch {config.micro_batch} "
+         f"× {accum} accumulation = batch {config.batch_size}; {config.width}x{config.height} (WxH), pose window "
+         f"{config.pose_window}, conditioning {config.conditioning}, "
+         f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} on {device}")
+    model = load_training_model(config, info)
+    from ..loaders.subject_file import weights_digest
+
+    identity["frozen_weights"] = weights_digest(model.vae, model.clip)
+    if saved:
+        _compare_resume(saved["config"], identity, resume_path, ("frozen_weights",))
+    torch.nn.Module.to(model.vae, device)
+    torch.nn.Module.to(model.clip, device)
+    unet, adapter = model.unet, model.adapter
+    unet.train().requires_grad_(True)
+    adapter.train().requires_grad_(True)
+    clip_only = config.conditioning == "clip"
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    trainable = DreamPoseTrainable(unet, adapter).to(device)
+    if clip_only:   # on the device already: the gradient mask lives beside the weight
+        hold_vae_tokens_at_zero(adapter)
+        adapter.vae2clip.requires_grad_(False)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay,
+                                  eps=1e-8)
+    trainable, optimizer = accelerator.prepare(trainable, optimizer)
+    start = 0
+    if saved:
+        try:
+            accelerator.load_state(resume_path)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise DreamPoseError(f"{resume_path}: the checkpoint does not fit the model built from the given weights "
+                                 f"({str(exc)[:300]})") from exc
+        accelerator.step = 0   # accumulation counter: every optimizer step starts a fresh cycle
+        start = int(saved["step"])
+        if (saved.get("world_size"), saved.get("micro_batch")) != (world, config.micro_batch):
+            info(f"note: the checkpoint ran {saved.get('world_size')} process(es) × micro-batch "
+                 f"{saved.get('micro_batch')}; now {world} × {config.micro_batch}: same effective batch, but the "
+                 "samples drawn from here on differ from an uninterrupted run")
+        info(f"resumed from {resume_path} at step {start}")
+    scheduler = _noise_scheduler(model)
+    data = TrainData(videos, model.vae, model.clip, config, device, cache=config.cache_conditioning)
+    cfg_t = scheduler.config.num_train_timesteps
+
+    def make_draws(step: int, micro: int) -> Draws:
+        return draw_micro_batch(data.frames, config, step, micro, rank, cfg_t)
+
+    # 3. output
+    os.makedirs(config.out, exist_ok=True)
+    log_path = os.path.join(config.out, LOG_NAME)
+    if main:
+        folder = os.path.join(config.out, CHECKPOINTS)
+        os.makedirs(folder, exist_ok=True)
+        for name in os.listdir(folder):   # half-written checkpoints of an interrupted save
+            if name.startswith(_TMP_PREFIX) or name.endswith(".old"):
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+        _trim_log(log_path, start)
+    debug_path = None
+    if config.debug_dir:
+        os.makedirs(config.debug_dir, exist_ok=True)
+        debug_path = os.path.join(config.debug_dir, f"rank{rank}.jsonl")
+    accelerator.wait_for_everyone()
+
+    def save(step: int) -> None:
+        folder = os.path.join(config.out, CHECKPOINTS)
+        tmp, final = os.path.join(folder, f"{_TMP_PREFIX}{step}"), os.path.join(folder, f"step_{step}")
+        if main and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if main:
+            _write_json_atomic(os.path.join(tmp, STATE_NAME),
+                               {"format": "dreampose-train", "version": 1, "step": step, "config": identity,
+                                "world_size": world, "micro_batch": config.micro_batch, "grad_accum": accum,
+                                "training": config.to_dict()})
+            if os.path.exists(final):
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            export(os.path.join(config.out, f"dreampose_step_{step}.safetensors"), step)
+            for _, path in _complete_checkpoints(config.out)[:-config.keep]:
+                shutil.rmtree(path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def export(path: str, step: int) -> str:
+        from ..loaders.load import save_bundle
+
+        inner = accelerator.unwrap_model(trainable)
+        return save_bundle(path, inner.unet, inner.adapter, model.vae if config.include_vae else None,
+                           **_bundle_meta(config, model, step, world, accum))
+
+    # 4. the loop
+    reader = _Reader(data, make_draws, config.workers)
+    losses: list[float] = []
+    window: list[float] = []
+    t_start = t_window = time.perf_counter()
+    lookahead = max(2, config.workers * 2)
+    try:
+        for step in range(start, config.steps):
+            step_losses, step_samples = [], []
+            for micro in range(accum):
+                reader.ahead(_upcoming(step, micro, accum, config.steps, lookahead))
+                draws, files = reader.get((step, micro))
+                with accelerator.accumulate(trainable):
+                    batch = data.batch(draws, files)
+                    loss = batch_loss(trainable, batch, scheduler)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_losses.append(loss.detach().float())
+                step_samples.append([[v, j, i, int(di), int(dp)] for (v, j, i), di, dp in
+                                     zip(draws.samples, draws.drop_image.tolist(), draws.drop_pose.tolist())])
+            if clip_only:
+                _rezero_vae_tokens(adapter)
+            done = step + 1
+            local_t = torch.stack(step_losses).mean()   # one device sync per step, not per micro-step
+            mean = float(accelerator.reduce(local_t.reshape(1), reduction="mean")[0])
+            local = float(local_t)
+            if not math.isfinite(mean):
+                raise DreamPoseError(f"training diverged at step {done} (loss {mean}); lower --lr or use "
+                                     "--mixed-precision no")
+            losses.append(mean)
+            window.append(mean)
+            if debug_path:
+                _append_jsonl(debug_path, {"step": done, "rank": rank, "world_size": world, "grad_accum": accum,
+                                         "loss": local, "samples": step_samples,
+                                         "digest": params_digest(accelerator.unwrap_model(trainable))})
+            if done % config.log_every == 0 or done == config.steps:
+                now = time.perf_counter()
+                if main:
+                    lr = optimizer.param_groups[0]["lr"]
+                    record = {"step": done, "loss": sum(window) / len(window), "lr": lr,
+                              "seconds": round(now - t_start, 3), "s_per_step": round((now - t_window) / len(window), 4)}
+                    _append_jsonl(log_path, record)
+                    if progress:
+                        say(f"train: step {done}/{config.steps}  loss {record['loss']:.4f}  lr {lr:g}  "
+                            f"{record['s_per_step']:.3f} s/step")
+                window, t_window = [], now
+            if done % config.save_every == 0 or done == config.steps:
+                t_save = time.perf_counter()
+                save(done)
+                t_window += time.perf_counter() - t_save   # s/step measures training, not saving
+    finally:
+        reader.close()
+    seconds = time.perf_counter() - t_start
+    final_path = None
+    if main:
+        final_path = export(os.path.join(config.out, FINAL_NAME), max(start, config.steps))
+    accelerator.wait_for_everyone()
+    inner = accelerator.unwrap_model(trainable)
+    if config.gradient_checkpointing:
+        inner.unet.disable_gradient_checkpointing()
+    inner.eval().requires_grad_(False)
+    result_model = model.shallow_copy(unet=inner.unet, adapter=inner.adapter,
+                                      info=dict(model.info, trained="stage1", steps=max(start, config.steps)))
+    return TrainResult(result_model, start, max(start, config.steps), final_path, seconds, losses, accum, world, main)
