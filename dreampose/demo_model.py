@@ -3,7 +3,7 @@ not ``python -m dreampose train`` (``scripts/train_demo_model.sh``, which the sh
 stores verbatim, calls them by this name). The code is :mod:`dreampose.demo.build`."""
 import sys
 
-from .demo.model import main
+from .demo.build import main
 
 if __name__ == "__main__":
     sys.exit(main())

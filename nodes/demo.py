@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..dreampose.demo.model import DEMO_HEIGHT, DEMO_WIDTH, demo_scene, load_demo_model
 from ..dreampose.data.densepose import visualize
+from ..dreampose.demo.model import demo_scene, load_demo_model
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.pipeline.poses import check_output_size
-from ..dreampose.data.world import MOTIONS
-from . import device as dev
+from ..dreampose.settings import (DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH, DTYPE_CHOICES, MOTIONS, VAE_DTYPE_CHOICES,
+                                  check_output_size)
 from .loader import place_loaded
 from .types import DreamPoseModelType, DreamPosePoseType
 
@@ -26,9 +25,9 @@ class DreamPoseDemoModel(io.ComfyNode):
                 "the synthetic world. It animates synthetic people only (DreamPose Synthetic Person); for photos use "
                 "Load DreamPose with the released weights. Nothing is downloaded."),
             inputs=[
-                io.Combo.Input("dtype", options=list(dev.UNET_DTYPE_CHOICES), default="auto",
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="Precision of the UNet, adapter and CLIP, as in Load DreamPose."),
-                io.Combo.Input("vae_dtype", options=list(dev.VAE_DTYPE_CHOICES), default="auto",
+                io.Combo.Input("vae_dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
                                tooltip="Precision of the VAE, as in Load DreamPose."),
             ],
             outputs=[DreamPoseModelType.Output(display_name="model", tooltip="The demo DreamPose model.")],
@@ -55,7 +54,7 @@ class DreamPoseSyntheticPerson(io.ComfyNode):
                              tooltip="Which test-split person (outfit, colours, pattern)."),
                 io.Combo.Input("motion", options=list(MOTIONS), default=MOTIONS[0],
                                tooltip="The motion family of the driving sequence."),
-                io.Int.Input("frames", default=16, min=2, max=1024, tooltip="Number of frames of the motion."),
+                io.Int.Input("frames", default=DEMO_FRAMES, min=2, max=1024, tooltip="Number of frames of the motion."),
                 io.Int.Input("width", default=DEMO_WIDTH, min=64, max=2048, step=64,
                              tooltip="Frame width in pixels (the demo model was trained at 128)."),
                 io.Int.Input("height", default=DEMO_HEIGHT, min=64, max=2048, step=64,

@@ -16,11 +16,11 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..dreampose.data.densepose import (DETECT_SHORT_SIDE, PERSON_CHOICES, attach_part_labels, estimate_uv,
-                                   list_iuv_files, load_densepose_model, load_iuv_folder, part_labels_of,
-                                   save_iuv_folder, visualize)
+from ..dreampose.data.densepose import (attach_part_labels, estimate_uv, list_iuv_files, load_densepose_model,
+                                        load_iuv_folder, part_labels_of, save_iuv_folder, visualize)
 from ..dreampose.errors import DreamPoseError
 from ..dreampose.pipeline.poses import save_uv_folder
+from ..dreampose.settings import PERSON_CHOICES, PrepareOptions
 from . import folders
 from .types import DreamPosePoseType, require_uv
 
@@ -31,25 +31,15 @@ DENSEPOSE_EXTENSIONS = {".torchscript", ".pt"}
 # where comfyui_controlnet_aux's DensePose estimator downloads the exports: <pack>/ckpts/<HF repo id>/
 AUX_CKPTS = os.path.join("ckpts", "LayerNorm", "DensePose-TorchScript-with-hint-image")
 SAVE_FORMATS = ("npy", "iuv_png")
+ESTIMATION = PrepareOptions()   # the estimator's defaults are `prepare`'s
 LOAD_ORDERS = {"auto": "auto", "iuv (R=I)": "iuv", "vui (B=I, cv2)": "vui"}
 
 
 def register_densepose_folder() -> None:
     """``densepose``: ``models/densepose`` added to what ``extra_model_paths.yaml`` may have declared
     (extended, never replaced), then comfyui_controlnet_aux's download folder if it exists."""
-    default = os.path.join(folder_paths.models_dir, DENSEPOSE)
-    entry = folder_paths.folder_names_and_paths.get(DENSEPOSE)
-    if entry is None:
-        paths, extensions = [default], set(DENSEPOSE_EXTENSIONS)
-    else:
-        paths, extensions = entry
-        if default not in paths:
-            paths.append(default)
-        extensions = set(extensions) | DENSEPOSE_EXTENSIONS  # an empty set (list everything) becomes ours
-    for found in _controlnet_aux_folders():
-        if found not in paths:
-            paths.append(found)
-    folder_paths.folder_names_and_paths[DENSEPOSE] = (paths, extensions)
+    folders.extend_folder(DENSEPOSE, [os.path.join(folder_paths.models_dir, DENSEPOSE), *_controlnet_aux_folders()],
+                          DENSEPOSE_EXTENSIONS)
 
 
 def _controlnet_aux_folders() -> list[str]:
@@ -113,13 +103,13 @@ class DreamPoseDensePose(io.ComfyNode):
                                tooltip="DensePose TorchScript export from models/densepose (or "
                                        "comfyui_controlnet_aux's ckpts folder). R_50 is faster, R_101 slightly more "
                                        "accurate."),
-                io.Combo.Input("person", options=list(PERSON_CHOICES), default="largest",
+                io.Combo.Input("person", options=list(PERSON_CHOICES), default=ESTIMATION.person,
                                tooltip="Whom to keep when several people are found: the largest box, or the most "
                                        "confident detection (what the authors' script kept)."),
-                io.Int.Input("frames_per_batch", default=8, min=1, max=256,
+                io.Int.Input("frames_per_batch", default=ESTIMATION.frames_per_batch, min=1, max=256,
                              tooltip="Frames converted and processed per step (progress and cancel are checked "
                                      "between batches). Results do not depend on it."),
-                io.Int.Input("detect_resolution", default=DETECT_SHORT_SIDE, min=0, max=2048, step=32,
+                io.Int.Input("detect_resolution", default=ESTIMATION.detect_resolution, min=0, max=2048, step=32,
                              tooltip="Shortest side the frames are resized to for detection (longest at most 1333), "
                                      "as detectron2 does (800). 0 runs at the frame size. The pose is always "
                                      "returned at the frame size."),

@@ -21,18 +21,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 from comfy.cli_args import args
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-UNET_DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
-VAE_DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
+from ..dreampose.models.devices import dtype_from_name
 
 def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -43,7 +32,7 @@ def unet_dtype(choice: str, device: torch.device, params: int) -> torch.dtype:
     ComfyUI says the device computes well (no manual-cast fallbacks: diffusers computes in the
     weights' dtype)."""
     if choice != "auto":
-        return DTYPES[choice]
+        return dtype_from_name(choice)
     if args.fp32_unet:
         return torch.float32
     if args.bf16_unet:
@@ -60,7 +49,7 @@ def unet_dtype(choice: str, device: torch.device, params: int) -> torch.dtype:
 def vae_dtype(choice: str, device: torch.device) -> torch.dtype:
     """``auto`` is never fp16: the SD VAE overflows to NaN/black frames in fp16."""
     if choice != "auto":
-        return DTYPES[choice]
+        return dtype_from_name(choice)
     dtype = mm.vae_dtype(device, allowed_dtypes=[torch.bfloat16])
     if dtype == torch.float16:  # only when forced by --fp16-vae
         dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
@@ -165,6 +154,15 @@ def borrowed(modules: list[tuple[torch.nn.Module, torch.dtype]], extra_memory: i
         yield mm.get_torch_device()
     finally:
         mm.soft_empty_cache()
+
+
+def park(model, dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None) -> None:
+    """Every network of ``model`` on the offload device, in ``dtypes`` (UNet/adapter, VAE, CLIP; default:
+    the loader's). The ModelPatchers move them to the compute device when a node needs them."""
+    unet_dt, vae_dt, clip_dt = dtypes or model_dtypes(model)
+    offload = mm.unet_offload_device()
+    for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, clip_dt)):
+        place(module, offload, dt)
 
 
 def model_dtypes(model) -> tuple[torch.dtype, torch.dtype, torch.dtype]:

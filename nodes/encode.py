@@ -5,7 +5,8 @@ import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..dreampose.pipeline.conditioning import COND_HEIGHT, COND_WIDTH, LATENT_MODES, encode_image_condition
+from ..dreampose.pipeline.conditioning import encode_image_condition
+from ..dreampose.settings import COND_HEIGHT, COND_WIDTH, LATENT_MODES, PAPER_SAMPLING
 from ..dreampose.errors import DreamPoseError
 from ..dreampose.pipeline.images import check_image
 from . import device as dev
@@ -41,10 +42,10 @@ class CLIPVAEAdapterEncode(io.ComfyNode):
                 DreamPoseModelType.Input("model", tooltip="The DreamPose model from Load DreamPose."),
                 io.Image.Input("image", tooltip="The subject's key frame: one RGB image (a batch of one). Best "
                                                 "framed like the output, full body, portrait 4:5."),
-                io.Combo.Input("conditioning_latent", options=list(LATENT_MODES), default="sample",
+                io.Combo.Input("conditioning_latent", options=list(LATENT_MODES), default=PAPER_SAMPLING.conditioning_latent,
                                tooltip="How the VAE branch reads the photo: sample (a seeded draw from the VAE "
                                        "posterior, as the authors' code) or mode (its mean, deterministic)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=PAPER_SAMPLING.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the VAE posterior draw ('sample' only); CPU generator, so the same "
                                      "seed gives the same condition on any device."),
             ],
@@ -60,7 +61,6 @@ class CLIPVAEAdapterEncode(io.ComfyNode):
         extra = dev.working_memory(1, COND_HEIGHT, COND_WIDTH, vae_dt)
         with dev.borrowed([(model.clip, clip_dt), (model.vae, vae_dt), (model.adapter, unet_dt)], extra,
                           owner=model):
-            cond = encode_image_condition(key, model.clip, model.vae, model.adapter, convention=model.convention,
-                                          latent_mode=conditioning_latent,
+            cond = encode_image_condition(model, key, latent_mode=conditioning_latent,
                                           generator=torch.Generator("cpu").manual_seed(seed))
         return io.NodeOutput(cond.to(mm.intermediate_device()))

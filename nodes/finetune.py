@@ -3,9 +3,12 @@
 Both nodes are thin: they turn ComfyUI types into the library's, leave ComfyUI's inference mode
 (``torch.inference_mode(False)``, inputs cloned), load the input model's frozen networks through
 ComfyUI's model management (``device.borrowed``; the host offloads them when it needs the room),
-tick a ProgressBar every step with the loss as the node's progress text, and check Cancel every step. The trained weights are saved atomically to
-``models/dreampose/subjects/<name>.safetensors``; before training, a saved finetune with the same
-cache key (same model, photos, poses and settings) is loaded instead and no step is trained.
+tick a ProgressBar every step with the loss as the node's progress text, and check Cancel every
+step. The library's ``finetune_to_file`` does the rest, as for the command line: before training,
+a saved finetune with the same cache key (same model, photos, poses and settings) is loaded instead
+and no step is trained; the trained weights are saved atomically to
+``models/dreampose/subjects/<name>.safetensors``. Both nodes share one schema
+(:class:`_FinetuneNode`); their defaults are the settings' (the authors' finetunes).
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..dreampose.training import finetune as ft
-from ..dreampose.files.weights import read_metadata
 from ..dreampose.errors import DreamPoseError
+from ..dreampose.files.weights import read_metadata
+from ..dreampose.settings import OPTIMIZERS, PRECISIONS, FinetuneSettings, finetune_defaults
+from ..dreampose.training.finetune import finetune_to_file
 from . import device as dev
 from . import folders
 from .types import DreamPoseModelType, DreamPosePoseType, require_uv
@@ -126,15 +130,6 @@ def _send_text(message: str, node_id) -> None:
         server.send_progress_text(message, node_id)
 
 
-def _find_cached(key: str) -> str | None:
-    for folder in folders.subject_dirs():
-        if os.path.isdir(folder):
-            path = ft.find_cached_subject(folder, key)
-            if path:
-                return path
-    return None
-
-
 _KIND_NAMES = {"subject": "a subject (UNet + adapter) finetune", "vae": "a VAE decoder finetune"}
 
 
@@ -158,47 +153,114 @@ def _target(name: str, kind: str) -> str:
     return path
 
 
-def _to_offload(model) -> None:
-    """Every network of ``model`` on the offload device in the dtypes the loader chose (the library
-    already returns them where the input's were; this keeps the promise whatever it did)."""
-    unet_dt, vae_dt, clip_dt = dev.model_dtypes(model)
-    offload = mm.unet_offload_device()
-    for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, clip_dt)):
-        dev.place(module, offload, dt)
+_SEED_TOOLTIP = ("Seed of the {what}: the same seed and settings reproduce the finetune and find the saved one. No "
+                 "randomize control: a new seed means training again.")
 
 
-def _run(kind: str, what: str, model, photos: torch.Tensor, uv: torch.Tensor | None, settings, filename: str,
-         train, frozen) -> io.NodeOutput:
-    """Shared body (inside ``inference_mode(False)``): cache lookup → or train on the GPU → save → the
-    new model, on the offload device.
+class _FinetuneNode(io.ComfyNode):
+    """What SubjectFinetune and VAEDecoderFinetune share: their inputs (in the saved-workflow order,
+    defaults from the settings), output and run. A subclass names its kind and its texts; its own
+    ``define_schema`` keeps the literal ``node_id`` the registry and the Manager read from the source."""
 
-    ``frozen``: the input model's networks the training runs through unchanged, borrowed for it; the
-    trained ones are copied to the device by the library (fp32 master weights) and come back in the
-    input's dtype, so the input model itself is never changed.
-    """
-    key = ft.subject_cache_key(model, photos, uv, settings, kind)
-    cached = _find_cached(key)
-    if cached:
-        log.info("DreamPose %s: %s has the same model, photos and settings; loading it, 0 steps trained",
-                 what, cached)
-        _send_text(f"{what}: reused {os.path.basename(cached)} (same model, photos and settings), 0 steps trained",
-                   getattr(_executing_context(), "node_id", None))
-        new = ft.apply_subject(model, cached)
-        _to_offload(new)
-        return io.NodeOutput(new)
-    path = _target(filename, kind)
-    progress = _Progress(what, settings.steps)
-    with dev.borrowed(frozen, TRAINING_MEMORY, owner=model) as device:
-        new = train(device, progress)
-    _to_offload(new)
-    saved = ft.save_subject(new, path, kind=kind, settings=settings, cache_key=key, base=model,
-                            lora=bool(settings.lora_rank))
-    log.info("DreamPose %s: %d steps trained, saved %s", what, settings.steps, saved)
-    progress.text(f"{what}: {settings.steps} steps trained, saved subjects/{os.path.basename(saved)}")
-    return io.NodeOutput(new)
+    KIND = "subject"
+    WHAT = "subject finetune"
+    TEXTS: dict = {}
+
+    @classmethod
+    def inputs(cls) -> list:
+        d, t = finetune_defaults(cls.KIND), cls.TEXTS
+        inputs = [DreamPoseModelType.Input("model", tooltip=t["model"]),
+                  io.Image.Input("images", tooltip=t["images"])]
+        if cls.KIND == "subject":
+            inputs.append(DreamPosePoseType.Input(
+                "poses", tooltip="The photos' own DensePose: the raw UV sequence from 'DreamPose Load DensePose UV', "
+                                 "one frame per photo in the same order (not DensePoseWindow5's windows)."))
+        inputs += [
+            io.String.Input("name", default=t["name_default"], tooltip=t["name"]),
+            io.Int.Input("steps", default=d.steps, min=1, max=100_000, tooltip=t["steps"]),
+            io.Float.Input("lr", default=d.lr, min=1e-8, max=1e-2, step=1e-6, round=1e-8, tooltip=t["lr"]),
+            io.Int.Input("seed", default=d.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                         tooltip=_SEED_TOOLTIP.format(what=t["seed_of"])),
+            io.Boolean.Input("crop", default=d.crop, tooltip=t["crop"]),
+            io.Boolean.Input("flip", default=d.flip, tooltip=t["flip"]),
+        ]
+        if cls.KIND == "subject":
+            inputs += [
+                io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing,
+                                 tooltip="Recompute activations in the backward pass: much less VRAM, about 30% "
+                                         "slower."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default=d.precision,
+                               tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer; less VRAM) or "
+                                       "fp16 (mixed precision with loss scaling)."),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default=d.optimizer,
+                               tooltip="adamw, or adamw8bit (bitsandbytes, CUDA only: optimizer state in 8 bit, "
+                                       "about a quarter of AdamW's memory)."),
+                io.Int.Input("lora_rank", default=d.lora_rank, min=0, max=512,
+                             tooltip="0: finetune every UNet and adapter weight (the paper; about 32 GB of VRAM at "
+                                     "512×640). A rank such as 16 or 64 trains LoRA layers instead: a fraction of "
+                                     "the memory and a small file."),
+            ]
+        else:
+            inputs.append(io.Combo.Input("precision", options=list(PRECISIONS), default=d.precision,
+                                         tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer) or fp16 "
+                                                 "(mixed precision with loss scaling)."))
+        return inputs
+
+    @classmethod
+    def outputs(cls) -> list:
+        return [DreamPoseModelType.Output(display_name="model", tooltip=cls.TEXTS["output"])]
+
+    @classmethod
+    def validate_inputs(cls, name: str | None = None) -> bool | str:
+        return _validate_name(name)
+
+    @classmethod
+    def run_finetune(cls, model, images, name: str, poses=None, **training) -> io.NodeOutput:
+        """The shared body: photos (and poses) in, the finetuned model out, on the offload device."""
+        filename = check_name(name)
+        kind = cls.KIND
+        with torch.inference_mode(False):
+            photos = photos_from_images(images)
+            uv = subject_poses(poses, photos.shape[0]) if kind == "subject" else None
+            settings = FinetuneSettings(**{**finetune_defaults(kind).to_dict(), **training})
+            path = _target(filename, kind)
+            progress = _Progress(cls.WHAT, settings.steps)
+            _, vae_dt, clip_dt = dev.model_dtypes(model)
+            # subject: CLIP and the VAE encode the photos (the VAE every step), UNet and adapter are copied to
+            # the device; VAE: the whole VAE is copied there, nothing of the input model needs to move
+            frozen = [(model.vae, vae_dt), (model.clip, clip_dt)] if kind == "subject" else []
+            result = finetune_to_file(kind, model, photos, uv, settings, path, callback=progress, base=None,
+                                      search_folders=folders.subject_dirs(),
+                                      borrow=lambda: dev.borrowed(frozen, TRAINING_MEMORY, owner=model))
+        dev.park(result.model)
+        saved = os.path.basename(result.path)
+        if result.cached:
+            log.info("DreamPose %s: %s has the same model, photos and settings; loading it, 0 steps trained",
+                     cls.WHAT, result.path)
+            progress.text(f"{cls.WHAT}: reused {saved} (same model, photos and settings), 0 steps trained")
+        else:
+            log.info("DreamPose %s: %d steps trained, saved %s", cls.WHAT, result.steps_trained, result.path)
+            progress.text(f"{cls.WHAT}: {result.steps_trained} steps trained, saved subjects/{saved}")
+        return io.NodeOutput(result.model)
 
 
-class SubjectFinetune(io.ComfyNode):
+class SubjectFinetune(_FinetuneNode):
+    KIND, WHAT = "subject", "subject finetune"
+    TEXTS = {
+        "model": "The DreamPose model to finetune (from Load DreamPose).",
+        "images": "Photos of the subject, an IMAGE batch (one photo works; a few views are better), full body, RGB.",
+        "name_default": "subject",
+        "name": "File name under models/dreampose/subjects/ (.safetensors is added); no folders. An existing file "
+                "of that name is replaced. Give the VAE finetune another name.",
+        "steps": f"Training steps (the authors used about {FinetuneSettings.steps} for a subject).",
+        "lr": "Learning rate (AdamW). 1e-5 for a full finetune; LoRA takes about 1e-4.",
+        "seed_of": "noise, timesteps and augmentation",
+        "crop": "Random crops of photo and pose together (augmentation; helps with few photos).",
+        "flip": "Random horizontal flips of photo and pose together. Off by default: a mirrored DensePose keeps "
+                "each limb's own U/V, and an asymmetric garment would be learnt both ways round.",
+        "output": "A new DreamPose model with the finetuned UNet and adapter (the input model is not changed).",
+    }
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -211,76 +273,32 @@ class SubjectFinetune(io.ComfyNode):
                 "augmented together. Saved to models/dreampose/subjects/<name>.safetensors; when a finetune with the "
                 "same model, photos, poses and settings is already saved, it is loaded and nothing is trained. "
                 "Outputs a new model; the input model is unchanged. Cancel stops within one step and saves nothing."),
-            inputs=[
-                DreamPoseModelType.Input("model", tooltip="The DreamPose model to finetune (from Load DreamPose)."),
-                io.Image.Input("images", tooltip="Photos of the subject, an IMAGE batch (one photo works; a few "
-                                                 "views are better), full body, RGB."),
-                DreamPosePoseType.Input("poses", tooltip="The photos' own DensePose: the raw UV sequence from "
-                                                         "'DreamPose Load DensePose UV', one frame per photo in the "
-                                                         "same order (not DensePoseWindow5's windows)."),
-                io.String.Input("name", default="subject",
-                                tooltip="File name under models/dreampose/subjects/ (.safetensors is added); no "
-                                        "folders. An existing file of that name is replaced. Give the VAE finetune "
-                                        "another name."),
-                io.Int.Input("steps", default=500, min=1, max=100_000,
-                             tooltip="Training steps (the authors used about 500 for a subject)."),
-                io.Float.Input("lr", default=1e-5, min=1e-8, max=1e-2, step=1e-6, round=1e-8,
-                               tooltip="Learning rate (AdamW). 1e-5 for a full finetune; LoRA takes about 1e-4."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seed of the noise, timesteps and augmentation: the same seed and settings "
-                                     "reproduce the finetune and find the saved one. No randomize control: a new "
-                                     "seed means training again."),
-                io.Boolean.Input("crop", default=True,
-                                 tooltip="Random crops of photo and pose together (augmentation; helps with few "
-                                         "photos)."),
-                io.Boolean.Input("flip", default=False,
-                                 tooltip="Random horizontal flips of photo and pose together. Off by default: a "
-                                         "mirrored DensePose keeps each limb's own U/V, and an asymmetric garment "
-                                         "would be learnt both ways round."),
-                io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute activations in the backward pass: much less VRAM, about 30% "
-                                         "slower."),
-                io.Combo.Input("precision", options=list(ft.PRECISIONS), default="fp32",
-                               tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer; less VRAM) or "
-                                       "fp16 (mixed precision with loss scaling)."),
-                io.Combo.Input("optimizer", options=list(ft.OPTIMIZERS), default="adamw",
-                               tooltip="adamw, or adamw8bit (bitsandbytes, CUDA only: optimizer state in 8 bit, "
-                                       "about a quarter of AdamW's memory)."),
-                io.Int.Input("lora_rank", default=0, min=0, max=512,
-                             tooltip="0: finetune every UNet and adapter weight (the paper; about 32 GB of VRAM at "
-                                     "512×640). A rank such as 16 or 64 trains LoRA layers instead: a fraction of "
-                                     "the memory and a small file."),
-            ],
-            outputs=[DreamPoseModelType.Output(
-                display_name="model",
-                tooltip="A new DreamPose model with the finetuned UNet and adapter (the input model is not changed).")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, name: str | None = None) -> bool | str:
-        return _validate_name(name)
+            inputs=cls.inputs(), outputs=cls.outputs())
 
     @classmethod
     def execute(cls, model, images, poses, name: str, steps: int, lr: float, seed: int, crop: bool, flip: bool,
                 gradient_checkpointing: bool, precision: str, optimizer: str, lora_rank: int) -> io.NodeOutput:
-        filename = check_name(name)
-        with torch.inference_mode(False):
-            photos = photos_from_images(images)
-            uv = subject_poses(poses, photos.shape[0])
-            settings = ft.FinetuneSettings(steps=steps, lr=lr, seed=seed, crop=crop, flip=flip,
-                                           gradient_checkpointing=gradient_checkpointing, precision=precision,
-                                           optimizer=optimizer, lora_rank=lora_rank)
-            _, vae_dt, clip_dt = dev.model_dtypes(model)
-
-            def train(device, callback):
-                return ft.finetune_subject(model, photos, uv, settings, device=device, callback=callback)
-
-            # CLIP and the VAE encode the photos (the VAE every step); UNet and adapter are copied to the device
-            return _run("subject", "subject finetune", model, photos, uv, settings, filename, train,
-                        [(model.vae, vae_dt), (model.clip, clip_dt)])
+        return cls.run_finetune(model, images, name, poses=poses, steps=steps, lr=lr, seed=seed, crop=crop,
+                                flip=flip, gradient_checkpointing=gradient_checkpointing, precision=precision,
+                                optimizer=optimizer, lora_rank=lora_rank)
 
 
-class VAEDecoderFinetune(io.ComfyNode):
+class VAEDecoderFinetune(_FinetuneNode):
+    KIND, WHAT = "vae", "VAE decoder finetune"
+    TEXTS = {
+        "model": "The DreamPose model (usually SubjectFinetune's output).",
+        "images": "Photos of the subject, an IMAGE batch, RGB (the same as for SubjectFinetune).",
+        "name_default": "subject_vae",
+        "name": "File name under models/dreampose/subjects/ (.safetensors is added); no folders. Not the subject "
+                "finetune's name, or it would replace that file.",
+        "steps": "Training steps.",
+        "lr": "Learning rate (AdamW).",
+        "seed_of": "crops, flips, photo order and latent samples",
+        "crop": "Random crops of the photos (augmentation).",
+        "flip": "Random horizontal flips of the photos.",
+        "output": "A new DreamPose model with the finetuned VAE decoder (the input model is not changed).",
+    }
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -292,45 +310,10 @@ class VAEDecoderFinetune(io.ComfyNode):
                 "garment's texture in the decoded frames (the paper's last stage). The encoder is unchanged. Saved to "
                 "models/dreampose/subjects/<name>.safetensors and reused like SubjectFinetune's. Outputs a new model; "
                 "the input model is unchanged. Cancel stops within one step and saves nothing."),
-            inputs=[
-                DreamPoseModelType.Input("model", tooltip="The DreamPose model (usually SubjectFinetune's output)."),
-                io.Image.Input("images", tooltip="Photos of the subject, an IMAGE batch, RGB (the same as for "
-                                                 "SubjectFinetune)."),
-                io.String.Input("name", default="subject_vae",
-                                tooltip="File name under models/dreampose/subjects/ (.safetensors is added); no "
-                                        "folders. Not the subject finetune's name, or it would replace that file."),
-                io.Int.Input("steps", default=1500, min=1, max=100_000, tooltip="Training steps."),
-                io.Float.Input("lr", default=5e-5, min=1e-8, max=1e-2, step=1e-6, round=1e-8,
-                               tooltip="Learning rate (AdamW)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="Seed of the crops, flips, photo order and latent samples: the same seed and "
-                                     "settings reproduce the finetune and find the saved one. No randomize control: "
-                                     "a new seed means training again."),
-                io.Boolean.Input("crop", default=True, tooltip="Random crops of the photos (augmentation)."),
-                io.Boolean.Input("flip", default=False, tooltip="Random horizontal flips of the photos."),
-                io.Combo.Input("precision", options=list(ft.PRECISIONS), default="fp32",
-                               tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer) or fp16 (mixed "
-                                       "precision with loss scaling)."),
-            ],
-            outputs=[DreamPoseModelType.Output(
-                display_name="model",
-                tooltip="A new DreamPose model with the finetuned VAE decoder (the input model is not changed).")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, name: str | None = None) -> bool | str:
-        return _validate_name(name)
+            inputs=cls.inputs(), outputs=cls.outputs())
 
     @classmethod
     def execute(cls, model, images, name: str, steps: int, lr: float, seed: int, crop: bool, flip: bool,
                 precision: str) -> io.NodeOutput:
-        filename = check_name(name)
-        with torch.inference_mode(False):
-            photos = photos_from_images(images)
-            settings = ft.vae_settings(steps=steps, lr=lr, seed=seed, crop=crop, flip=flip, precision=precision)
-
-            def train(device, callback):
-                return ft.finetune_vae_decoder(model, photos, settings, device=device, callback=callback)
-
-            # the whole VAE is copied to the device: nothing of the input model needs to move
-            return _run("vae", "VAE decoder finetune", model, photos, None, settings, filename, train, [])
+        return cls.run_finetune(model, images, name, steps=steps, lr=lr, seed=seed, crop=crop, flip=flip,
+                                precision=precision)

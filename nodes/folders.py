@@ -28,23 +28,27 @@ _COMPANION = re.compile(r"^(adapter|vae)_\d+\.(pth|pt|bin|safetensors)$", re.IGN
 _AUTHORS_UNET = re.compile(r"^unet_epoch_\d+\.", re.IGNORECASE)
 
 
-def register_model_folders() -> None:
-    """Add ``models/dreampose`` to what ``extra_model_paths.yaml`` may already have declared.
+def extend_folder(name: str, paths: list[str], extensions) -> None:
+    """Add ``paths`` (those not listed yet, in order) and ``extensions`` to ComfyUI's ``name`` folder type.
 
-    The yaml is applied before packs load and creates the entry with an empty extension set (which
-    lists every file), so the entry is extended, never replaced.
+    ``extra_model_paths.yaml`` is applied before packs load and may already have created the entry
+    (with an empty extension set, which lists every file): it is extended, never replaced, so the
+    user's folders keep working and come first.
     """
-    default = os.path.join(folder_paths.models_dir, DREAMPOSE)
-    entry = folder_paths.folder_names_and_paths.get(DREAMPOSE)
+    extensions = set(extensions)
+    entry = folder_paths.folder_names_and_paths.get(name)
     if entry is None:
-        folder_paths.folder_names_and_paths[DREAMPOSE] = ([default], set(folder_paths.supported_pt_extensions))
-    else:
-        paths, extensions = entry
-        if default not in paths:
-            paths.append(default)
-        if not isinstance(extensions, set) or not set(folder_paths.supported_pt_extensions) <= extensions:
-            folder_paths.folder_names_and_paths[DREAMPOSE] = (paths,
-                                                              set(extensions) | folder_paths.supported_pt_extensions)
+        folder_paths.folder_names_and_paths[name] = (list(dict.fromkeys(paths)), extensions)
+        return
+    current, known = entry
+    current.extend(p for p in dict.fromkeys(paths) if p not in current)
+    if not isinstance(known, set) or not extensions <= known:
+        folder_paths.folder_names_and_paths[name] = (current, set(known) | extensions)
+
+
+def register_model_folders() -> None:
+    """``models/dreampose`` for weights, and its ``subjects`` sub-folder for saved finetunes."""
+    extend_folder(DREAMPOSE, [os.path.join(folder_paths.models_dir, DREAMPOSE)], folder_paths.supported_pt_extensions)
     register_subject_folder()
 
 
@@ -52,15 +56,8 @@ def register_subject_folder() -> None:
     """``dreampose_subjects``: the ``subjects`` sub-folder of every ``dreampose`` folder, in the same order
     (so an ``extra_model_paths.yaml`` dreampose entry brings its subjects along), after any folder the
     yaml names for ``dreampose_subjects`` itself. Finetunes are saved into the first of them."""
-    wanted = [os.path.join(p, SUBJECTS_DIR) for p in folder_paths.folder_names_and_paths[DREAMPOSE][0]]
-    entry = folder_paths.folder_names_and_paths.get(SUBJECTS)
-    if entry is None:
-        folder_paths.folder_names_and_paths[SUBJECTS] = (wanted, set(SUBJECT_EXTENSIONS))
-        return
-    paths, extensions = entry
-    paths.extend(p for p in wanted if p not in paths)
-    if not isinstance(extensions, set) or not SUBJECT_EXTENSIONS <= extensions:
-        folder_paths.folder_names_and_paths[SUBJECTS] = (paths, set(extensions) | SUBJECT_EXTENSIONS)
+    extend_folder(SUBJECTS, [os.path.join(p, SUBJECTS_DIR) for p in folder_paths.folder_names_and_paths[DREAMPOSE][0]],
+                  SUBJECT_EXTENSIONS)
 
 
 def _files(folder: str) -> list[str]:

@@ -6,7 +6,8 @@ import os
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..dreampose.pipeline.conditioning import CONVENTIONS
+from ..dreampose.models.devices import dtype_name
+from ..dreampose.settings import CONVENTIONS, DTYPE_CHOICES, VAE_DTYPE_CHOICES
 from ..dreampose.loaders.load import load_dreampose
 from . import folders
 from . import device as dev
@@ -19,11 +20,8 @@ def place_loaded(model, dtype: str, vae_dtype: str):
     device = mm.get_torch_device()
     unet_dt = dev.unet_dtype(dtype, device, dev.param_count(model.unet))
     vae_dt = dev.vae_dtype(vae_dtype, device)
-    offload = mm.unet_offload_device()
-    for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, unet_dt)):
-        dev.place(module, offload, dt)
-    model.info.update(unet_dtype=dev.dtype_name(unet_dt), vae_dtype=dev.dtype_name(vae_dt),
-                      clip_dtype=dev.dtype_name(unet_dt))
+    dev.park(model, (unet_dt, vae_dt, unet_dt))
+    model.info.update(unet_dtype=dtype_name(unet_dt), vae_dtype=dtype_name(vae_dt), clip_dtype=dtype_name(unet_dt))
     return model
 
 
@@ -59,11 +57,11 @@ class LoadDreamPose(io.ComfyNode):
                             "finetuned vae_N.pth). 'from weights or base' takes the weights file's VAE, else the base "
                             "model's."),
                 io.Combo.Input(
-                    "dtype", options=list(dev.UNET_DTYPE_CHOICES), default="auto",
+                    "dtype", options=list(DTYPE_CHOICES), default="auto",
                     tooltip="Precision of the UNet, adapter and CLIP. auto: fp16, else bf16, else fp32, as ComfyUI "
                             "judges the device (the --fp16-unet style flags win)."),
                 io.Combo.Input(
-                    "vae_dtype", options=list(dev.VAE_DTYPE_CHOICES), default="auto",
+                    "vae_dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
                     tooltip="Precision of the VAE. auto: bf16 where supported, else fp32; never fp16, where the SD VAE "
                             "can overflow to black frames."),
                 io.Combo.Input(

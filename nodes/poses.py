@@ -4,7 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.pipeline.poses import check_output_size, list_uv_files, load_uv_folder, make_pose_windows
+from ..dreampose.pipeline.poses import list_uv_files, load_uv_folder, make_pose_windows
+from ..dreampose.settings import PAPER_SAMPLING, check_output_size
 from . import folders
 from .types import DreamPosePoseType, require_uv
 
@@ -61,9 +62,9 @@ class DensePoseWindow5(io.ComfyNode):
                 "i-2..i+2 (10 channels); at the sequence edges the missing neighbours repeat the centre pose."),
             inputs=[
                 DreamPosePoseType.Input("uv", tooltip="The UV sequence from DreamPose Load DensePose UV."),
-                io.Int.Input("width", default=512, min=64, max=MAX_SIZE, step=64,
+                io.Int.Input("width", default=PAPER_SAMPLING.width, min=64, max=MAX_SIZE, step=64,
                              tooltip="Output width in pixels, a multiple of 64 (DreamPose was trained at 512×640)."),
-                io.Int.Input("height", default=640, min=64, max=MAX_SIZE, step=64,
+                io.Int.Input("height", default=PAPER_SAMPLING.height, min=64, max=MAX_SIZE, step=64,
                              tooltip="Output height in pixels, a multiple of 64."),
             ],
             outputs=[DreamPosePoseType.Output(

@@ -8,26 +8,15 @@ import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
-from ..dreampose.pipeline.conditioning import VAE_SCALE, ImageCondition
-from ..dreampose.errors import DreamPoseError
-from ..dreampose.pipeline.sampling import SAMPLERS, START_MODES, STRETCH_MODES, generate_frames, stretch_frames
+from ..dreampose.pipeline.animate import generate
+from ..dreampose.pipeline.conditioning import check_condition
+from ..dreampose.pipeline.sampling import stretch_frames
+from ..dreampose.settings import PAPER_SAMPLING, SAMPLERS, START_MODES, STRETCH_MODES, VAE_SCALE, SamplingOptions
 from . import device as dev
 from . import preview
 from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_windows
 
-
-def check_cond(model, cond) -> ImageCondition:
-    """A condition made by a model of another width or convention would sample garbage: say so now."""
-    if not isinstance(cond, ImageCondition):
-        raise DreamPoseError(f"expected a DreamPose condition from CLIPVAEAdapterEncode, got {type(cond).__name__}")
-    width = model.unet.config.cross_attention_dim
-    if cond.cond.shape[-1] != width:
-        raise DreamPoseError(f"the condition has width {cond.cond.shape[-1]} but this UNet attends to width {width}: "
-                             "encode the key frame with the same DreamPose model")
-    if cond.convention != model.convention:
-        raise DreamPoseError(f"the condition was encoded in the {cond.convention!r} convention but the model runs "
-                             f"{model.convention!r}: encode the key frame with the same model")
-    return cond
+DEFAULTS = PAPER_SAMPLING   # the authors' settings
 
 
 class DualCFGSampler(io.ComfyNode):
@@ -46,24 +35,24 @@ class DualCFGSampler(io.ComfyNode):
                 DreamPoseCondType.Input("cond", tooltip="The subject's condition from CLIPVAEAdapterEncode (same model)."),
                 DreamPosePoseType.Input("poses", tooltip="Pose windows from DensePoseWindow5; they set the frame "
                                                          "count and the output size."),
-                io.Float.Input("s_image", default=8.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("s_image", default=DEFAULTS.s_image, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Image guidance s_I: how strongly frames follow the subject photo (paper: 8)."),
-                io.Float.Input("s_pose", default=3.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Float.Input("s_pose", default=DEFAULTS.s_pose, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Pose guidance s_p: how strongly frames follow the pose (paper: 3)."),
-                io.Int.Input("steps", default=100, min=1, max=1000,
+                io.Int.Input("steps", default=DEFAULTS.steps, min=1, max=1000,
                              tooltip="Denoising steps (the authors used 100 with pndm; dpmpp_2m/unipc need fewer)."),
-                io.Combo.Input("sampler", options=list(SAMPLERS), default="pndm",
+                io.Combo.Input("sampler", options=list(SAMPLERS), default=DEFAULTS.sampler,
                                tooltip="Scheduler on the SD 1.x noise schedule; pndm is the authors'."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=DEFAULTS.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the start noise (CPU generator: the same seed gives the same video on "
                                      "any device)."),
-                io.Int.Input("frames_per_batch", default=4, min=1, max=64,
+                io.Int.Input("frames_per_batch", default=DEFAULTS.frames_per_batch, min=1, max=64,
                              tooltip="Frames denoised together in one UNet call (×3 for the guidance branches). "
                                      "Higher is faster, needs more VRAM; results do not change."),
-                io.Combo.Input("start", options=list(START_MODES), default="official",
+                io.Combo.Input("start", options=list(START_MODES), default=DEFAULTS.start,
                                tooltip="official: start from the key frame's latent noised to the first step, one "
                                        "noise shared by all frames (the authors'; steadier video). noise: pure noise."),
-                io.Combo.Input("stretch", options=list(STRETCH_MODES), default="none",
+                io.Combo.Input("stretch", options=list(STRETCH_MODES), default=DEFAULTS.stretch,
                                tooltip="Contrast stretch of the decoded frames. none (default); per_frame: the "
                                        "authors' min-max per frame (flickers); sequence: one min-max for the clip."),
             ],
@@ -80,7 +69,10 @@ class DualCFGSampler(io.ComfyNode):
     def execute(cls, model, cond, poses, s_image: float, s_pose: float, steps: int, sampler: str, seed: int,
                 frames_per_batch: int, start: str, stretch: str) -> io.NodeOutput:
         windows = require_windows(poses)
-        cond = check_cond(model, cond)
+        cond = check_condition(model, cond)
+        options = SamplingOptions(width=windows.width, height=windows.height, steps=steps, sampler=sampler,
+                                  s_image=s_image, s_pose=s_pose, seed=seed, start=start,
+                                  frames_per_batch=frames_per_batch, stretch=stretch).check()
         unet_dt, vae_dt, _ = dev.model_dtypes(model)
         chunks = math.ceil(len(windows) / frames_per_batch)
         pbar = comfy.utils.ProgressBar(1)
@@ -105,14 +97,11 @@ class DualCFGSampler(io.ComfyNode):
         batch = 3 * min(frames_per_batch, len(windows))
         extra = dev.working_memory(batch, h, w, unet_dt)
         with dev.borrowed([(model.unet, unet_dt), (model.vae, vae_dt)], extra, owner=model):
-            for span, chunk_latents, images in generate_frames(
-                    model.unet, model.vae, cond, windows, steps=steps, sampler=sampler, s_image=s_image,
-                    s_pose=s_pose, generator=torch.Generator("cpu").manual_seed(seed), start=start,
-                    frames_per_batch=frames_per_batch, scheduler_config=model.scheduler_config,
-                    callback=on_step):
-                frames[span] = images
-                latents[span] = chunk_latents / VAE_SCALE
-                del images, chunk_latents
+            for chunk in generate(model, cond, windows, options, generator=torch.Generator("cpu").manual_seed(seed),
+                                  callback=on_step):
+                frames[chunk.frames] = chunk.images
+                latents[chunk.frames] = chunk.latents / VAE_SCALE
+                del chunk
                 decoded[0] += 1
                 pbar.update_absolute(last[0] + decoded[0], ticks_total())
                 mm.throw_exception_if_processing_interrupted()

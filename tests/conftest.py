@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from dreampose.demo import tiny
-from dreampose.pipeline.sampling import default_scheduler_config
+from dreampose.configs import default_scheduler_config
 
 AUTHORS_EPOCH = 7
 AUTHORS_VAE_EPOCH = 11

@@ -19,6 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from dreampose.cli import main as cli
+from dreampose.cli.animate import INIT_LATENTS_NAME, LATENTS_NAME, VIDEO_NAME
+from dreampose.cli.common import RUN_INFO_NAME
 from dreampose.pipeline.video import save_png_frames, save_video, write_mp4
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +62,7 @@ def read_frames(folder) -> np.ndarray:
 
 
 def final_latents(folder) -> torch.Tensor:
-    return load_file(os.path.join(folder, cli.LATENTS_NAME))["latents"]
+    return load_file(os.path.join(folder, LATENTS_NAME))["latents"]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,7 @@ def test_demo_subprocess_runs_end_to_end_with_the_shipped_model(tmp_path):
     assert "subject finetune on the key frame: 3 UNet+adapter and 3 VAE-decoder steps" in proc.stdout
     frames = read_frames(out)
     assert frames.shape == (16, 192, 128, 3)  # the demo's defaults: the size the demo model was trained at
-    cap = cv2.VideoCapture(str(out / cli.VIDEO_NAME))
+    cap = cv2.VideoCapture(str(out / VIDEO_NAME))
     assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 16
     assert (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))) == (128, 192)
     cap.release()
@@ -101,12 +103,12 @@ def test_animate_writes_frames_video_and_latents(run_a):
     frames = read_frames(run_a)
     assert frames.shape == (FRAMES, H, W, 3) and frames.dtype == np.uint8
     assert frames.std() > 1  # something was drawn
-    cap = cv2.VideoCapture(os.path.join(run_a, cli.VIDEO_NAME))
+    cap = cv2.VideoCapture(os.path.join(run_a, VIDEO_NAME))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == FRAMES
     cap.release()
     assert final_latents(run_a).shape == (FRAMES, 4, H // 8, W // 8)
-    assert load_file(os.path.join(run_a, cli.INIT_LATENTS_NAME))["latents"].shape == (FRAMES, 4, H // 8, W // 8)
-    info = json.load(open(os.path.join(run_a, cli.RUN_INFO_NAME)))
+    assert load_file(os.path.join(run_a, INIT_LATENTS_NAME))["latents"].shape == (FRAMES, 4, H // 8, W // 8)
+    info = json.load(open(os.path.join(run_a, RUN_INFO_NAME)))
     assert info["unet_calls"] == (STEPS + 1) * 2  # PNDM: steps+1 calls per chunk, 3 frames in chunks of 2
     assert info["convention"] == "standard"       # taken from the file's metadata
 
@@ -117,6 +119,7 @@ def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tin
     from dreampose.loaders.load import load_dreampose
     from dreampose.pipeline.poses import load_uv_folder, make_pose_windows
     from dreampose.pipeline.sampling import sample
+    from dreampose.settings import SamplingOptions
 
     model = load_dreampose(clip=tiny_clip_folder, dreampose=tiny_dreampose_file)
     g = torch.Generator().manual_seed(1)
@@ -124,11 +127,10 @@ def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tin
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the CLI run (--threads 1): same reduction order, so bit-equal results
     try:
-        cond = encode_image_condition(image, model.clip, model.vae, model.adapter, convention=model.convention,
-                                      generator=g)
+        cond = encode_image_condition(model, image, generator=g)
         poses = make_pose_windows(load_uv_folder(inputs["poses"]), H, W)
-        want = sample(model.unet, model.vae, cond, poses, steps=STEPS, generator=g, frames_per_batch=FPB,
-                      scheduler_config=model.scheduler_config)
+        want = sample(model, cond, poses, SamplingOptions(width=W, height=H, steps=STEPS, frames_per_batch=FPB),
+                      generator=g)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(final_latents(run_a), want)
@@ -137,7 +139,7 @@ def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tin
 def test_saved_x_t_reproduces_the_run_and_the_seed_matters(run_a, tmp_path, tiny_dreampose_file,
                                                            tiny_clip_folder, inputs):
     args = lambda out, *extra: animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, out, *extra)
-    init = os.path.join(run_a, cli.INIT_LATENTS_NAME)
+    init = os.path.join(run_a, INIT_LATENTS_NAME)
     same = str(tmp_path / "same")
     assert run_cli(*args(same, "--seed", 1, "--init-latents", init, "--save-latents")) == 0
     assert torch.equal(final_latents(same), final_latents(run_a))
@@ -145,7 +147,7 @@ def test_saved_x_t_reproduces_the_run_and_the_seed_matters(run_a, tmp_path, tiny
 
     other = str(tmp_path / "other_seed")
     assert run_cli(*args(other, "--seed", 2, "--save-latents")) == 0
-    assert not torch.equal(load_file(os.path.join(other, cli.INIT_LATENTS_NAME))["latents"],
+    assert not torch.equal(load_file(os.path.join(other, INIT_LATENTS_NAME))["latents"],
                            load_file(init)["latents"])
     assert (final_latents(other) - final_latents(run_a)).abs().max() > 1e-2
 
@@ -154,7 +156,7 @@ def test_with_deterministic_conditioning_x_t_alone_decides(run_a, tmp_path, tiny
                                                            tiny_clip_folder, inputs):
     """mean VAE latent + DDIM (eta 0): the seed only feeds x_T, so an injected x_T overrides any seed."""
     det = ("--conditioning-latent", "mode", "--sampler", "ddim", "--save-latents")
-    init = os.path.join(run_a, cli.INIT_LATENTS_NAME)
+    init = os.path.join(run_a, INIT_LATENTS_NAME)
     runs = {}
     for name, extra in {"inj5": ("--seed", 5, "--init-latents", init), "inj6": ("--seed", 6, "--init-latents", init),
                         "own5": ("--seed", 5)}.items():
@@ -177,7 +179,7 @@ def test_animate_with_the_authors_files_runs_in_official_mode(authors_release, t
     frames = read_frames(out)
     assert frames.shape == (2, H, W, 3)
     assert all(f.min() == 0 and f.max() == 255 for f in frames)   # the authors' per-frame stretch
-    assert json.load(open(os.path.join(out, cli.RUN_INFO_NAME)))["convention"] == "official"
+    assert json.load(open(os.path.join(out, RUN_INFO_NAME)))["convention"] == "official"
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from dreampose.demo import build
 from dreampose.demo import model as dm
 from dreampose.files.weights import read_metadata
 from dreampose.pipeline.conditioning import VAE_SCALE
@@ -56,7 +57,7 @@ def test_latent_calibration_is_an_exact_reparametrisation():
     with torch.no_grad():
         before = vae.encode(x).latent_dist
         decoded_before = vae.decode(before.mean).sample
-    k = dm.calibrate_latent_scale(vae, frames, target_std=1.0)
+    k = build.calibrate_latent_scale(vae, frames, target_std=1.0)
     with torch.no_grad():
         after = vae.encode(x).latent_dist
         decoded_after = vae.decode(after.mean).sample
@@ -71,7 +72,7 @@ def test_autoencoder_pretraining_learns_to_reconstruct():
     g = torch.Generator().manual_seed(1)
     frames = torch.zeros(4, 3, 64, 64, dtype=torch.uint8)
     frames[:, 0, 16:48, 16:48] = (torch.rand(4, 1, 1, generator=g) * 255).to(torch.uint8)   # coloured squares
-    losses = dm.pretrain_autoencoder(vae, frames, steps=40, batch=4, crop=64, lr=3e-3, seed=0)
+    losses = build.pretrain_autoencoder(vae, frames, steps=40, batch=4, crop=64, lr=3e-3, seed=0)
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     assert not any(p.requires_grad for p in vae.parameters())   # handed back frozen, in eval mode
@@ -80,7 +81,7 @@ def test_autoencoder_pretraining_learns_to_reconstruct():
 
 def test_pretraining_refuses_float_frames():
     with pytest.raises(DreamPoseError, match="uint8"):
-        dm.pretrain_autoencoder(tiny_vae(), torch.rand(2, 3, 64, 64), steps=1)
+        build.pretrain_autoencoder(tiny_vae(), torch.rand(2, 3, 64, 64), steps=1)
 
 
 # ------------------------------------------------------------------------------------ demo scene

@@ -119,7 +119,8 @@ def test_single_runs_the_real_pipeline(single, setup):
     from dreampose.data.dataset import load_frame, load_pose
     from dreampose.loaders.load import load_dreampose
     from dreampose.pipeline.poses import make_pose_windows
-    from dreampose.pipeline.sampling import decode_latents, sample
+    from dreampose.pipeline.sampling import decode, sample
+    from dreampose.settings import SamplingOptions
 
     out, result = single
     folder = os.path.join(setup["data"], "video1")
@@ -127,11 +128,10 @@ def test_single_runs_the_real_pipeline(single, setup):
     uv = torch.stack([load_pose(os.path.join(folder, f"frame_{i}_densepose.npy")) for i in range(FRAMES)])
     model = load_dreampose(clip=setup["clip"], dreampose=setup["full"])
     generator = torch.Generator().manual_seed(0)
-    cond = encode_image_condition(gt[0], model.clip, model.vae, model.adapter, convention=model.convention,
-                                  generator=generator)
-    latents = sample(model.unet, model.vae, cond, make_pose_windows(uv, SIZE, SIZE), steps=STEPS,
-                     generator=generator, frames_per_batch=2, scheduler_config=model.scheduler_config)
-    frames = decode_latents(model.vae, latents, batch_size=2).permute(0, 3, 1, 2)
+    cond = encode_image_condition(model, gt[0], generator=generator)
+    latents = sample(model, cond, make_pose_windows(uv, SIZE, SIZE),
+                     SamplingOptions(width=SIZE, height=SIZE, steps=STEPS, frames_per_batch=2), generator=generator)
+    frames = decode(model, latents, batch_size=2).permute(0, 3, 1, 2)
     saved = torch.stack([load_frame(str(out / "frames" / "model" / "video1" / f"frame_{i:04d}.png"))
                          for i in range(FRAMES)])
     assert torch.equal(saved, (frames.clamp(0, 1) * 255).round().to(torch.uint8))

@@ -418,7 +418,7 @@ def test_cli_finetune_subject_reuses_and_animate_applies_it(tmp_path, tiny_dream
     assert cli.main(args) == 0
     captured = capsys.readouterr()
     assert "wrote" in captured.out and "2 steps" in captured.out
-    assert "finetune: step 2/2  loss" in captured.err
+    assert "finetune UNet+adapter: 100%" in captured.err and "2/2" in captured.err and "loss=" in captured.err
     assert cli.main(args) == 0
     assert "0 steps trained" in capsys.readouterr().out
     vae_out = tmp_path / "alice_vae.safetensors"

@@ -21,12 +21,13 @@ import dreampose.loaders.load as model_mod
 from dreampose.demo import tiny
 from dreampose.pipeline import images, poses
 from dreampose.files.weights import (guess_kind, modernise_vae_keys, peek_keys, read_metadata, read_state_dict,
-                                   strip_module_prefix)
+                                     strip_module_prefix)
 from dreampose.errors import DreamPoseError
+from dreampose.files.paths import read_json_config as read_json
 from dreampose.loaders.components import (instantiate, load_authors_adapter, load_authors_unet, load_base_unet,
-                               load_clip_vision, load_vae, read_json)
+                                          load_clip_vision, load_vae)
 from dreampose.loaders.load import convert_authors_checkpoint, load_dreampose
-from dreampose.models.unet import UNET_IN_CHANNELS
+from dreampose.settings import UNET_IN_CHANNELS
 
 
 def no_meta(module: torch.nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Long videos: frames are denoised and decoded chunk by chunk (``sampling.generate_frames``), so the
+"""Long videos: frames are denoised and decoded chunk by chunk (``pipeline.animate.generate``), so the
 working memory beyond the output buffer stays flat with the number of frames.
 
 Memory is the process RSS (``/proc/self/statm``, freed heap trimmed first) sampled at every step and every chunk; torch's CPU
@@ -13,11 +13,13 @@ import os
 import pytest
 import torch
 
-from dreampose.pipeline.conditioning import encode_image_condition
-from dreampose.pipeline.poses import make_pose_windows
-from dreampose.pipeline.sampling import decode_latents, generate_frames, sample
 from dreampose.data.synthetic import synthetic_key_frame, synthetic_uv_sequence
 from dreampose.demo.tiny import tiny_dreampose
+from dreampose.pipeline.animate import generate
+from dreampose.pipeline.conditioning import encode_image_condition
+from dreampose.pipeline.poses import make_pose_windows
+from dreampose.pipeline.sampling import decode, sample
+from dreampose.settings import SamplingOptions
 
 SIZE = 64
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -43,8 +45,7 @@ def rss() -> int:
 def setup():
     model = tiny_dreampose(seed=0)
     with torch.inference_mode():
-        cond = encode_image_condition(synthetic_key_frame(SIZE, SIZE), model.clip, model.vae, model.adapter,
-                                      convention=model.convention, latent_mode="mode")
+        cond = encode_image_condition(model, synthetic_key_frame(SIZE, SIZE), latent_mode="mode")
     uv = synthetic_uv_sequence(frames=240, height=SIZE, width=SIZE)
     return model, cond, uv
 
@@ -62,27 +63,27 @@ def run(model, cond, uv, frames: int) -> tuple[int, float]:
     trim()
     base = rss()
     with torch.inference_mode():
-        for span, z, images in generate_frames(model.unet, model.vae, cond, windows, steps=1, sampler="ddim",
-                                               frames_per_batch=4, generator=torch.Generator().manual_seed(0),
-                                               callback=probe):
-            video[span] = images
-            latents[span] = z
+        options = SamplingOptions(width=SIZE, height=SIZE, steps=1, sampler="ddim", frames_per_batch=4)
+        for chunk in generate(model, cond, windows, options, generator=torch.Generator().manual_seed(0),
+                              callback=probe):
+            video[chunk.frames] = chunk.images
+            latents[chunk.frames] = chunk.latents
             probe()
     return peak[0] - base
 
 
-def test_generate_frames_equals_sample_then_decode(setup):
+def test_generate_equals_sample_then_decode(setup):
     model, cond, uv = setup
     windows = make_pose_windows(uv[:7], height=SIZE, width=SIZE)
-    kw = dict(steps=2, sampler="euler_a", frames_per_batch=3, start="official")
+    options = SamplingOptions(width=SIZE, height=SIZE, steps=2, sampler="euler_a", frames_per_batch=3,
+                              start="official")
     with torch.inference_mode():
-        want = sample(model.unet, model.vae, cond, windows, generator=torch.Generator().manual_seed(5), **kw)
-        want_frames = decode_latents(model.vae, want, batch_size=3)
-        got = list(generate_frames(model.unet, model.vae, cond, windows,
-                                   generator=torch.Generator().manual_seed(5), **kw))
-    assert [s for s, _, _ in got] == [slice(0, 3), slice(3, 6), slice(6, 7)]
-    assert torch.equal(torch.cat([z for _, z, _ in got]), want.cpu())
-    assert torch.equal(torch.cat([im for _, _, im in got]), want_frames)
+        want = sample(model, cond, windows, options, generator=torch.Generator().manual_seed(5))
+        want_frames = decode(model, want, batch_size=3)
+        got = list(generate(model, cond, windows, options, generator=torch.Generator().manual_seed(5)))
+    assert [c.frames for c in got] == [slice(0, 3), slice(3, 6), slice(6, 7)]
+    assert torch.equal(torch.cat([c.latents for c in got]), want.cpu())
+    assert torch.equal(torch.cat([c.images for c in got]), want_frames)
 
 
 def test_memory_flat_with_length(setup):

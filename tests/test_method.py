@@ -11,6 +11,7 @@ from dreampose.pipeline.guidance import DualCFGDenoiser, dual_cfg
 from dreampose.pipeline.images import clip_pixels, resize_u8
 from dreampose.pipeline.poses import make_pose_windows, window_indices
 from dreampose.pipeline.sampling import SampleStats, make_scheduler, sample
+from dreampose.settings import SamplingOptions
 from dreampose.demo.tiny import tiny_base_unet, tiny_dreampose
 from dreampose.models.unet import expand_conv_in
 
@@ -143,12 +144,12 @@ def test_batched_dual_cfg_equals_three_separate_calls():
 
 def test_sampler_makes_one_unet_call_per_timestep_per_chunk():
     model = tiny_dreampose(seed=2)
-    cond = encode_image_condition(torch.rand(3, 640, 512), model.clip, model.vae, model.adapter,
+    cond = encode_image_condition(model, torch.rand(3, 640, 512), convention="official",
                                   generator=torch.Generator().manual_seed(0))
     poses = make_pose_windows(torch.rand(5, 2, 64, 64), 128, 128)
     stats = SampleStats()
-    out = sample(model.unet, model.vae, cond, poses, steps=4, generator=torch.Generator().manual_seed(0),
-                 frames_per_batch=2, stats=stats)
+    out = sample(model, cond, poses, SamplingOptions(width=128, height=128, steps=4, frames_per_batch=2),
+                 generator=torch.Generator().manual_seed(0), stats=stats)
     sched = make_scheduler("pndm")
     sched.set_timesteps(4)
     assert out.shape == (5, 4, 16, 16)
@@ -158,10 +159,11 @@ def test_sampler_makes_one_unet_call_per_timestep_per_chunk():
 
 def test_frame_chunking_does_not_change_deterministic_results():
     model = tiny_dreampose(seed=4)
-    cond = encode_image_condition(torch.rand(3, 640, 512), model.clip, model.vae, model.adapter,
+    cond = encode_image_condition(model, torch.rand(3, 640, 512), convention="official",
                                   generator=torch.Generator().manual_seed(0))
     poses = make_pose_windows(torch.rand(4, 2, 64, 64), 128, 128)
-    runs = [sample(model.unet, model.vae, cond, poses, steps=3, sampler="ddim", frames_per_batch=k,
+    runs = [sample(model, cond, poses, SamplingOptions(width=128, height=128, steps=3, sampler="ddim",
+                                                       frames_per_batch=k),
                    generator=torch.Generator().manual_seed(9)) for k in (1, 4)]
     torch.testing.assert_close(runs[0], runs[1], atol=1e-4, rtol=1e-4)
 
@@ -169,11 +171,11 @@ def test_frame_chunking_does_not_change_deterministic_results():
 @pytest.mark.parametrize("sampler", ["pndm", "ddim", "dpmpp_2m", "euler_a", "unipc"])
 def test_every_sampler_is_seeded_and_reproducible(sampler):
     model = tiny_dreampose(seed=1)
-    cond = encode_image_condition(torch.rand(3, 640, 512), model.clip, model.vae, model.adapter,
+    cond = encode_image_condition(model, torch.rand(3, 640, 512), convention="official",
                                   generator=torch.Generator().manual_seed(0))
     poses = make_pose_windows(torch.rand(2, 2, 64, 64), 64, 128)
-    run = lambda seed: sample(model.unet, model.vae, cond, poses, steps=3, sampler=sampler,  # noqa: E731
-                              generator=torch.Generator().manual_seed(seed))
+    options = SamplingOptions(width=128, height=64, steps=3, sampler=sampler)
+    run = lambda seed: sample(model, cond, poses, options, generator=torch.Generator().manual_seed(seed))  # noqa: E731
     a, b, c = run(1), run(1), run(2)
     assert a.shape == (2, 4, 8, 16) and torch.isfinite(a).all()
     assert torch.equal(a, b)
@@ -182,12 +184,12 @@ def test_every_sampler_is_seeded_and_reproducible(sampler):
 
 def test_pose_changes_the_frame():
     model = tiny_dreampose(seed=6)
-    cond = encode_image_condition(torch.rand(3, 640, 512), model.clip, model.vae, model.adapter,
+    cond = encode_image_condition(model, torch.rand(3, 640, 512), convention="official",
                                   generator=torch.Generator().manual_seed(0))
     uv = torch.zeros(2, 2, 64, 64)
     uv[1, :, 10:50, 20:40] = 0.7
     poses = make_pose_windows(uv, 64, 64)
-    out = sample(model.unet, model.vae, cond, poses, steps=3, latents=torch.zeros(1, 4, 8, 8))
+    out = sample(model, cond, poses, SamplingOptions(width=64, height=64, steps=3), latents=torch.zeros(1, 4, 8, 8))
     assert not torch.allclose(out[0], out[1], atol=1e-3)
 
 
@@ -196,11 +198,11 @@ def test_official_start_latent_is_key_frame_noised_to_first_timestep():
     from dreampose.pipeline.sampling import start_latents
     model = tiny_dreampose(seed=3)
     key = torch.rand(3, 640, 512)
-    cond = encode_image_condition(key, model.clip, model.vae, model.adapter, latent_mode="mode")
+    cond = encode_image_condition(model, key, convention="official", latent_mode="mode")
     sched = make_scheduler("pndm")
     sched.set_timesteps(100)
     assert sched.timesteps[0].item() == 991
-    x = start_latents(model.vae, cond, sched, 3, 640, 512, start="official",
+    x = start_latents(model, cond, sched, SamplingOptions(start="official"), 3,
                       generator=torch.Generator().manual_seed(5), device="cpu")
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -238,8 +240,7 @@ def test_key_frame_resize_is_pil_bicubic():
 def test_conditioning_latent_mode_is_deterministic_and_sample_is_seeded(convention):
     model = tiny_dreampose(seed=8)
     img = torch.rand(3, 640, 512)
-    enc = lambda **kw: encode_image_condition(img, model.clip, model.vae, model.adapter,  # noqa: E731
-                                              convention=convention, **kw)
+    enc = lambda **kw: encode_image_condition(model, img, convention=convention, **kw)  # noqa: E731
     m1, m2 = enc(latent_mode="mode"), enc(latent_mode="mode")
     assert torch.equal(m1.cond, m2.cond) and torch.equal(m1.uncond, m2.uncond)
     s1 = enc(generator=torch.Generator().manual_seed(1))
@@ -252,13 +253,13 @@ def test_conditioning_latent_mode_is_deterministic_and_sample_is_seeded(conventi
 def test_conventions_differ_in_the_vae_path_only():
     model = tiny_dreampose(seed=9)
     img = torch.rand(3, 640, 512)
-    off = encode_image_condition(img, model.clip, model.vae, model.adapter, convention="official", latent_mode="mode")
-    std = encode_image_condition(img, model.clip, model.vae, model.adapter, convention="standard", latent_mode="mode")
+    off = encode_image_condition(model, img, convention="official", latent_mode="mode")
+    std = encode_image_condition(model, img, convention="standard", latent_mode="mode")
     assert not torch.allclose(off.cond, std.cond)
     # with the VAE tokens switched off in the adapter, only CLIP remains: identical
     fresh = tiny_dreampose(seed=9, pose_sensitive=False)
-    a = encode_image_condition(img, fresh.clip, fresh.vae, fresh.adapter, convention="official", latent_mode="mode")
-    b = encode_image_condition(img, fresh.clip, fresh.vae, fresh.adapter, convention="standard", latent_mode="mode")
+    a = encode_image_condition(fresh, img, convention="official", latent_mode="mode")
+    b = encode_image_condition(fresh, img, convention="standard", latent_mode="mode")
     torch.testing.assert_close(a.cond, b.cond)
 
 
@@ -267,14 +268,14 @@ def test_bad_image_input_is_refused_before_encoding():
     for img, msg in [(torch.rand(4, 64, 64), "RGBA"), (torch.rand(1, 64, 64), "greyscale"),
                      (torch.rand(2, 3, 64, 64), "batch of 2")]:
         with pytest.raises(DreamPoseError, match=msg):
-            encode_image_condition(img, model.clip, model.vae, model.adapter)
+            encode_image_condition(model, img, convention="official")
 
 
 def test_injected_latents_are_checked():
     model = tiny_dreampose()
-    cond = encode_image_condition(torch.rand(3, 640, 512), model.clip, model.vae, model.adapter, latent_mode="mode")
+    cond = encode_image_condition(model, torch.rand(3, 640, 512), convention="official", latent_mode="mode")
     poses = make_pose_windows(torch.rand(3, 2, 64, 64), 64, 64)
     with pytest.raises(DreamPoseError, match="initial latents"):
-        sample(model.unet, model.vae, cond, poses, steps=2, latents=torch.zeros(2, 4, 8, 8))
+        sample(model, cond, poses, SamplingOptions(width=64, height=64, steps=2), latents=torch.zeros(2, 4, 8, 8))
     with pytest.raises(DreamPoseError, match="sampler"):
-        sample(model.unet, model.vae, cond, poses, steps=2, sampler="heun")
+        sample(model, cond, poses, SamplingOptions(width=64, height=64, steps=2, sampler="heun"))

@@ -18,10 +18,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from host_helpers import COMFY_DIR, HOST, POSE_FRAMES, ROOT, Env, log as _log, node, object_info_checks  # noqa: E402
-from dreampose.pipeline.conditioning import VAE_SCALE, encode_image_condition  # noqa: E402
 from dreampose.loaders.load import load_dreampose  # noqa: E402
+from dreampose.pipeline.conditioning import encode_image_condition  # noqa: E402
 from dreampose.pipeline.poses import load_uv_folder, make_pose_windows  # noqa: E402
-from dreampose.pipeline.sampling import SAMPLERS, START_MODES, STRETCH_MODES, decode_latents, sample  # noqa: E402
+from dreampose.pipeline.sampling import decode, sample  # noqa: E402
+from dreampose.settings import SAMPLERS, START_MODES, STRETCH_MODES, VAE_SCALE, SamplingOptions  # noqa: E402
 
 pytestmark = pytest.mark.host
 
@@ -158,13 +159,13 @@ def test_node_output_equals_library(main_run, host_env):
     model = load_dreampose(clip=host_env.clip, dreampose=host_env.weights)
     key = torch.from_numpy(np.asarray(Image.open(host_env.key_frame).convert("RGB")).copy()).permute(2, 0, 1)
     with torch.inference_mode():
-        cond = encode_image_condition(key, model.clip, model.vae, model.adapter, convention=model.convention,
-                                      latent_mode="sample", generator=torch.Generator().manual_seed(ENCODE_SEED))
+        cond = encode_image_condition(model, key, latent_mode="sample",
+                                      generator=torch.Generator().manual_seed(ENCODE_SEED))
         windows = make_pose_windows(load_uv_folder(str(host_env.poses)), height=HEIGHT, width=WIDTH)
-        want = sample(model.unet, model.vae, cond, windows, steps=STEPS, sampler="ddim", s_image=8.0, s_pose=3.0,
-                      generator=torch.Generator().manual_seed(SAMPLE_SEED), start="official",
-                      frames_per_batch=FPB, scheduler_config=model.scheduler_config)
-        frames = decode_latents(model.vae, want)
+        options = SamplingOptions(width=WIDTH, height=HEIGHT, steps=STEPS, sampler="ddim", s_image=8.0, s_pose=3.0,
+                                  start="official", frames_per_batch=FPB)
+        want = sample(model, cond, windows, options, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+        frames = decode(model, want, batch_size=4)
     got = load_file(next(main_run.out.glob("animate_*.latent")))["latent_tensor"]
     torch.testing.assert_close(got, want / VAE_SCALE, rtol=1e-5, atol=1e-5)
     first = np.asarray(Image.open(sorted(main_run.out.glob("animate_*.png"))[0])).astype(int)
@@ -239,19 +240,26 @@ sys.path.insert(0, comfy)
 sys.argv = [sys.argv[0], "--cpu"]
 import comfy.options
 comfy.options.enable_args_parsing()
+import os
 import torch
 import comfy.model_management as mm
-spec = importlib.util.spec_from_file_location("dreampose_nodes_device", device_py)
-dev = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dev)
+import folder_paths  # noqa: F401  (the pack registers its model folders when imported)
+pack = os.path.dirname(os.path.dirname(device_py))   # nodes/device.py imports the library: load the pack as a package
+spec = importlib.util.spec_from_file_location("dreampose_pack", os.path.join(pack, "__init__.py"),
+                                              submodule_search_locations=[pack])
+sys.modules["dreampose_pack"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sys.modules["dreampose_pack"])
+import importlib
+dev = importlib.import_module("dreampose_pack.nodes.device")
+name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
 cpu, out = torch.device("cpu"), {}
 for fp16, bf16, vae in [(True, True, torch.float16), (False, True, torch.float32), (False, False, torch.float32),
                         (True, False, torch.float16)]:
     mm.should_use_fp16 = lambda *a, _v=fp16, **k: _v
     mm.should_use_bf16 = lambda *a, _v=bf16, **k: _v
     mm.vae_dtype = lambda *a, _v=vae, **k: _v  # float16 here = what --fp16-vae makes ComfyUI answer
-    out[f"{fp16},{bf16},{vae}"] = [dev.dtype_name(dev.unet_dtype("auto", cpu, 10)), dev.dtype_name(dev.vae_dtype("auto", cpu))]
-out["explicit"] = [dev.dtype_name(dev.unet_dtype("bf16", cpu, 10)), dev.dtype_name(dev.vae_dtype("fp16", cpu))]
+    out[f"{fp16},{bf16},{vae}"] = [name(dev.unet_dtype("auto", cpu, 10)), name(dev.vae_dtype("auto", cpu))]
+out["explicit"] = [name(dev.unet_dtype("bf16", cpu, 10)), name(dev.vae_dtype("fp16", cpu))]
 print(json.dumps(out))
 """
 

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 
 from dreampose.pipeline.conditioning import encode_image_condition
+from dreampose.settings import SamplingOptions
 from dreampose.loaders.load import load_dreampose
 from dreampose.pipeline.poses import load_uv_folder, make_pose_windows
-from dreampose.pipeline.sampling import default_scheduler_config, sample
+from dreampose.configs import default_scheduler_config
+from dreampose.pipeline.sampling import sample
 from dreampose.demo.tiny import TINY_UNET, TINY_VAE, tiny_dreampose, write_tiny_clip_folder
 from official_reference import official_embeddings, official_frame_latents, official_pose_input
 
@@ -53,13 +55,12 @@ def test_official_mode_equals_authors_inference_math(tmp_path):
                            clip=clip_dir, unet_config=TINY_UNET, vae_config=TINY_VAE)
     assert model.convention == "official"
     key_tensor = torch.from_numpy(np.asarray(key).copy()).permute(2, 0, 1)
-    cond = encode_image_condition(key_tensor, model.clip, model.vae, model.adapter, convention="official",
-                                  generator=torch.Generator().manual_seed(42))
+    cond = encode_image_condition(model, key_tensor, convention="official", generator=torch.Generator().manual_seed(42))
     poses = make_pose_windows(load_uv_folder(str(pose_dir)), 640, 512)
     x_t = torch.randn(1, 4, 80, 64, generator=torch.Generator().manual_seed(7))
     steps, s1, s2 = 4, 8.0, 3.0
-    ours = sample(model.unet, model.vae, cond, poses, steps=steps, s_image=s1, s_pose=s2, latents=x_t,
-                  frames_per_batch=3)
+    ours = sample(model, cond, poses, SamplingOptions(steps=steps, s_image=s1, s_pose=s2, frames_per_batch=3),
+                  latents=x_t)
 
     embeddings = official_embeddings(key, src.clip, src.vae, src.adapter, torch.Generator().manual_seed(42))
     for frame in range(4):

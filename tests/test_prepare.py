@@ -1,4 +1,4 @@
-"""`python -m dreampose prepare` (dreampose/prepare.py, dreampose/cli_prepare.py).
+"""`python -m dreampose prepare` (dreampose/data/prepare.py, dreampose/cli/prepare.py).
 
 Videos are small MP4s written with ``dreampose.video.write_mp4`` from synthetic frames (a coloured
 rectangle moving right, and an 8×8 top-left block whose blue value changes per frame). The
@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_densepose import BOX_A, FakeExport, person_a, save_script, stack
 
-from dreampose.cli import main as cli, prepare as cli_prepare
+from dreampose.cli import main as cli
 from dreampose.data import densepose, prepare
 from dreampose.data.dataset import (
     MARKER,
@@ -299,8 +299,11 @@ def test_clear_errors_before_any_work(tmp_path, model_path, capsys):
     assert "is the source folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_cli(root, "--out", out, "--every", 2, "--fps", 10)
-    assert cli_prepare.PERSON_CHOICES == densepose.PERSON_CHOICES
-    assert cli_prepare.DETECT_SHORT_SIDE == densepose.DETECT_SHORT_SIDE
+    # the command line offers the estimator's own choices and defaults (one definition: dreampose.settings)
+    args = cli.build_parser().parse_args(["prepare", str(root), "--out", str(out)])
+    assert (args.person, args.detect_resolution) == (densepose.PERSON_CHOICES[0], densepose.DETECT_SHORT_SIDE)
+    with pytest.raises(SystemExit):
+        run_cli(root, "--out", out, "--person", "tallest")
 
 
 # ---------------------------------------------------------------------------------------------- frame folders

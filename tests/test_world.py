@@ -278,7 +278,7 @@ def test_cli_writes_dataset_and_preview(tmp_path, capsys):
                "--seed", "1", "--split", "test", "--mp4", "--preview", preview])
     assert rc == 0
     captured = capsys.readouterr()
-    assert "synth: video 1/2" in captured.err and "synth: video 2/2" in captured.err
+    assert "synth: 100%" in captured.err and "2/2" in captured.err   # one live bar over the videos
     assert captured.out.count("\n") == 1 and "2 written" in captured.out
     videos = find_videos(out)
     assert len(videos) == 2 and all(len(v) == 3 for v in videos)

@@ -1,7 +1,8 @@
 """``python -m dreampose eval``: metrics of a model on prepared test videos, or the paper's Table 2.
 
 Every input is checked before any weights are read (videos, sizes, ablation names, weight files);
-the work itself is :mod:`dreampose.evaluate`, the metrics :mod:`dreampose.metrics`.
+the work itself is :mod:`dreampose.evaluation.evaluate`, the metrics :mod:`dreampose.evaluation.metrics`;
+the sampling and finetune flags are :class:`~dreampose.settings.EvalSettings`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import time
 
 from ..errors import DreamPoseError
+from ..settings import EvalSettings
+from .common import add_device_args, add_options, check_paths, err, options_from_args
 
 EPILOG = """\
 Examples:
@@ -25,17 +28,7 @@ files in $TORCH_HOME/hub/checkpoints are found by themselves (--no-discover turn
 """
 
 
-def add_parser(sub) -> None:
-    """Register the subcommand on the argparse sub-parsers object."""
-    from .main import (
-        SAMPLER_CHOICES,
-        _add_device_args,
-        _finite_float,
-        _nonnegative_int,
-        _positive_float,
-        _positive_int,
-    )
-
+def register(sub) -> None:
     p = sub.add_parser(
         "eval", help="metrics of a model on prepared test videos (L1, SSIM, VGG, LPIPS, pose IoU, flicker, "
                      "FID, FVD), or the paper's Table-2 ablation",
@@ -55,27 +48,11 @@ def add_parser(sub) -> None:
     g.add_argument("--base", help="Stable Diffusion 1.x (VAE and scheduler) for bundles without a VAE")
     g.add_argument("--vae", help="a VAE file or folder to use instead of the bundle's")
     g.add_argument("--out", required=True, metavar="DIR", help="where metrics.json / metrics.md (and frames) go")
-    v = p.add_argument_group("videos")
-    v.add_argument("--key-frame", type=_nonnegative_int, default=0, help="index of the key frame (default 0)")
-    v.add_argument("--max-frames", type=_nonnegative_int, default=0,
-                   help="use the first N frames of each video (0 = all)")
-    f = p.add_argument_group("subject finetuning on the key frame (the paper's full method does both)")
-    f.add_argument("--finetune-steps", type=_nonnegative_int, default=0,
-                   help="UNet + adapter finetune steps (0 = none; the authors' 500)")
-    f.add_argument("--vae-finetune-steps", type=_nonnegative_int, default=0,
-                   help="VAE decoder finetune steps (0 = none; the authors' 1500)")
-    f.add_argument("--finetune-lr", type=_positive_float, help="default 1e-5 (finetune.py's)")
-    f.add_argument("--vae-finetune-lr", type=_positive_float, help="default 5e-5 (finetune.py's)")
-    s = p.add_argument_group("sampling (identical for every row)")
-    s.add_argument("--steps", type=_positive_int, default=100, help="sampler steps (default 100)")
-    s.add_argument("--sampler", choices=SAMPLER_CHOICES, default="pndm")
-    s.add_argument("--s-image", type=_finite_float, default=8.0, help="image guidance (default 8)")
-    s.add_argument("--s-pose", type=_finite_float, default=3.0, help="pose guidance (default 3)")
-    s.add_argument("--seed", type=int, default=0, help="seed of sampling and finetuning (default 0)")
-    s.add_argument("--frames-per-batch", type=_positive_int, default=4)
-    s.add_argument("--width", type=int, help="sampling width, a multiple of 64 (default: the ground truth's)")
-    s.add_argument("--height", type=int, help="sampling height, a multiple of 64 (default: the ground truth's)")
-    m = p.add_argument_group("metrics")
+    groups: dict = {}
+    add_options(p, EvalSettings, ("key_frame", "max_frames", "finetune_steps", "vae_finetune_steps", "finetune_lr",
+                                  "vae_finetune_lr", "steps", "sampler", "s_image", "s_pose", "seed",
+                                  "frames_per_batch", "width", "height"), groups=groups)
+    m = groups.setdefault("metrics", p.add_argument_group("metrics"))
     m.add_argument("--vgg-weights", metavar="FILE", help="torchvision VGG16/VGG19 state dict (VGG; VGG16 also "
                                                          "serves LPIPS)")
     m.add_argument("--lpips-weights", metavar="FILE", help="the lpips package's v0.1 vgg.pth linear layers")
@@ -85,49 +62,40 @@ def add_parser(sub) -> None:
                         "return_features=True) on x [N,3,16,224,224] in -1..1; the file's code is run")
     m.add_argument("--no-discover", action="store_true",
                    help="do not look for standard weight files in $TORCH_HOME/hub/checkpoints")
-    m.add_argument("--shuffle-seed", type=int, default=0, help="seed of the shuffled-pose control (default 0)")
-    o = p.add_argument_group("output")
-    o.add_argument("--save-frames", action="store_true",
-                   help="also write the generated frames and a contact sheet (generated above ground truth)")
-    o.add_argument("--quiet", action="store_true", help="no progress lines")
-    _add_device_args(p)
-    p.set_defaults(func=cmd_eval)
+    add_options(p, EvalSettings, ("shuffle_seed", "save_frames"), groups=groups)
+    groups["output"].add_argument("--quiet", action="store_true", help="no progress lines")
+    add_device_args(p)
+    p.set_defaults(func=run)
 
 
-def cmd_eval(args) -> int:
+def run(args) -> int:
     from ..evaluation import evaluate as E
-    from .main import _check_paths, _err
-    from ..models.devices import resolve_device, resolve_dtype
     from ..evaluation.metrics import load_feature_nets
+    from ..models.devices import resolve_device, resolve_dtype
 
     # 1. everything the user gave, checked before any model weights are read
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DreamPoseError(f"--out {args.out} is a file; give a folder")
-    _check_paths(clip=args.clip, base=args.base, vae=args.vae)
-    settings = E.EvalSettings(
-        steps=args.steps, sampler=args.sampler, s_image=args.s_image, s_pose=args.s_pose, seed=args.seed,
-        frames_per_batch=args.frames_per_batch, height=args.height, width=args.width, key_frame=args.key_frame,
-        max_frames=args.max_frames, finetune_steps=args.finetune_steps, vae_finetune_steps=args.vae_finetune_steps,
-        finetune_lr=args.finetune_lr, vae_finetune_lr=args.vae_finetune_lr, shuffle_seed=args.shuffle_seed,
-        save_frames=args.save_frames)
+    check_paths(clip=args.clip, base=args.base, vae=args.vae)
+    settings = options_from_args(args, EvalSettings())
     if args.ablation:
         variants = E.ablation_variants(E.parse_ablation(args.ablation), settings)
     else:
         variants = E.single_variant(args.dreampose, settings)
     E.check_variants(variants, clip=args.clip)
-    videos = E.plan_videos(args.data, settings, warn=_err)
+    videos = E.plan_videos(args.data, settings, warn=err)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     nets = load_feature_nets(args.vgg_weights, args.lpips_weights, args.inception_weights, args.i3d_weights,
                              device=device, discover=not args.no_discover)
     for status in nets.status().values():
-        _err(f"metric weights: {status}")
-    _err(f"{len(videos)} video(s); rows: {', '.join(v.row for v in variants)}")
+        err(f"metric weights: {status}")
+    err(f"{len(videos)} video(s); rows: {', '.join(v.row for v in variants)}")
 
     # 2. the run
     t0 = time.perf_counter()
     result = E.evaluate(variants, videos, settings, clip=args.clip, base=args.base, vae=args.vae, device=device,
-                        dtype=dtype, nets=nets, out=args.out, log=None if args.quiet else _err)
+                        dtype=dtype, nets=nets, out=args.out, log=None if args.quiet else err)
     result["seconds"] = time.perf_counter() - t0
     js, md = E.write_reports(result, args.out)
     print(E.markdown_report(result), end="")

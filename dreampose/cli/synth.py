@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import os
 
-from .main import _err, _int_at_least, _positive_float, _positive_int
 from ..errors import DreamPoseError
+from ..settings import SynthSettings
+from .common import add_options, options_from_args, progress_bar
 
 PREVIEW_ROWS = 4      # videos shown in a contact sheet
 PREVIEW_COLUMNS = 6   # frames shown per video
 
 
-def add_parser(sub) -> None:
-    """Register the subcommand on the argparse sub-parsers object."""
+def register(sub) -> None:
     p = sub.add_parser(
         "synth", help="write synthetic fashion videos with exact DensePose-style UV (training/eval data)",
         description="A parametric 2D person in a textured outfit, moving on a plain background: frames and "
@@ -24,27 +24,19 @@ def add_parser(sub) -> None:
                     "splits never share a subject seed or a motion seed. Finished folders are kept, so an "
                     "interrupted run resumes.")
     p.add_argument("--out", required=True, help="dataset root; videos go to OUT/SPLIT/world_NNNN/")
-    p.add_argument("--videos", type=_positive_int, default=16, help="number of videos (default 16)")
-    p.add_argument("--frames", type=int, default=24, help="frames per video (default 24)")
-    p.add_argument("--height", type=int, default=320, help="frame height in pixels, at least 32 (default 320)")
-    p.add_argument("--width", type=int, default=256, help="frame width in pixels, at least 32 (default 256)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="dataset seed (default 0)")
-    p.add_argument("--split", choices=("train", "val", "test"), default="train", help="default train")
-    p.add_argument("--mp4", action="store_true", help="also write each video as video.mp4 in its folder "
-                                                      "(an input for `prepare`)")
-    p.add_argument("--fps", type=_positive_float, default=8.0, help="frame rate recorded (and of --mp4; default 8)")
+    add_options(p, SynthSettings)
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet: up to 4 videos, a few frames "
                                                     "each, UV visualised under every frame")
-    p.add_argument("--quiet", action="store_true", help="no per-video progress lines")
-    p.set_defaults(func=cmd_synth)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
 
 
-def _check(args) -> None:
-    if args.frames < 1:
-        raise DreamPoseError(f"--frames must be at least 1, got {args.frames}")
+def _check(args, settings: SynthSettings) -> None:
+    if settings.frames < 1:
+        raise DreamPoseError(f"--frames must be at least 1, got {settings.frames}")
     for flag in ("height", "width"):
-        if getattr(args, flag) < 32:
-            raise DreamPoseError(f"--{flag} must be at least 32 pixels, got {getattr(args, flag)}")
+        if getattr(settings, flag) < 32:
+            raise DreamPoseError(f"--{flag} must be at least 32 pixels, got {getattr(settings, flag)}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DreamPoseError(f"--out {args.out} is a file; give a folder for the dataset")
     if args.preview:
@@ -78,23 +70,28 @@ def write_preview(path: str, folders: list[str], columns: int = PREVIEW_COLUMNS)
     return save_image(np.concatenate(rows, axis=0), path)
 
 
-def cmd_synth(args) -> int:
-    _check(args)
+def run(args) -> int:
+    settings = options_from_args(args, SynthSettings())
+    _check(args, settings)
     from ..data.world import write_world_dataset  # numpy/torch: only when the command runs
 
     done = {"made": 0, "kept": 0}
+    bar = progress_bar("synth", settings.videos, args.quiet, unit="video")
 
     def progress(k, total, folder, skipped):
         done["kept" if skipped else "made"] += 1
-        if not args.quiet:
-            _err(f"synth: video {k}/{total} {folder}" + ("  (already finished, kept)" if skipped else ""))
+        bar.set_postfix_str(os.path.basename(folder) + (" (kept)" if skipped else ""), refresh=False)
+        bar.update(1)
 
-    folders = write_world_dataset(args.out, videos=args.videos, frames=args.frames, height=args.height,
-                                  width=args.width, seed=args.seed, split=args.split, mp4=args.mp4,
-                                  progress=progress, fps=args.fps)
+    try:
+        folders = write_world_dataset(args.out, videos=settings.videos, frames=settings.frames,
+                                      height=settings.height, width=settings.width, seed=settings.seed,
+                                      split=settings.split, mp4=settings.mp4, progress=progress, fps=settings.fps)
+    finally:
+        bar.close()
     if args.preview:
         write_preview(args.preview, folders)
-    print(f"synth: {len(folders)} video(s) of {args.frames} frame(s) at {args.width}x{args.height} in "
-          f"{os.path.join(args.out, args.split)} ({done['made']} written, {done['kept']} already finished)"
+    print(f"synth: {len(folders)} video(s) of {settings.frames} frame(s) at {settings.width}x{settings.height} in "
+          f"{os.path.join(args.out, settings.split)} ({done['made']} written, {done['kept']} already finished)"
           + (f"; preview {args.preview}" if args.preview else ""), flush=True)
     return 0

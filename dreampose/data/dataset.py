@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files.weights import atomic_output
 from ..errors import DreamPoseError
+from ..files.atomic import write_json_atomic
 from ..pipeline.poses import load_uv_file, uv_file_name
 
 MARKER = "prepared.json"
@@ -100,7 +100,4 @@ def load_pose(path: str) -> torch.Tensor:
 
 def write_marker(folder: str, **info) -> str:
     """Write the finished-marker atomically (temp name, then rename)."""
-    path = os.path.join(folder, MARKER)
-    with atomic_output(path, ".json", mode=0o666) as tmp, open(tmp, "w") as f:
-        json.dump(info, f, indent=1, sort_keys=True)
-    return path
+    return write_json_atomic(os.path.join(folder, MARKER), info, indent=1, sort_keys=True)

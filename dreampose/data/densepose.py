@@ -3,7 +3,7 @@
 DreamPose is conditioned on raw DensePose UV: per frame a ``[2,H,W]`` float map, U then V (≈0..1 on
 the body), exactly 0 on the background and on non-body pixels inside the person's box. The authors
 made it with detectron2's ``apply_net`` and pasted the first detection's chart UV into a zero canvas at
-its box (official-code-notes §3). This module makes the same quantity from the TorchScript exports
+its box (docs/official-code.md §3). This module makes the same quantity from the TorchScript exports
 ComfyUI users already have (``densepose_r50_fpn_dl.torchscript`` / ``densepose_r101_fpn_dl.torchscript``
 from comfyui_controlnet_aux, HF ``LayerNorm/DensePose-TorchScript-with-hint-image``).
 
@@ -48,13 +48,12 @@ from PIL import Image
 
 from ..errors import DreamPoseError
 from ..pipeline.poses import prepare_frame_folder, select_range
+from ..settings import DETECT_SHORT_SIDE, PERSON_CHOICES
 
 log = logging.getLogger(__name__)
 
 PART_COUNT = 24                      # body parts 1..24; 0 = background (the "I" of IUV)
-PERSON_CHOICES = ("largest", "highest_score")
 CHANNEL_ORDERS = ("bgr", "rgb")
-DETECT_SHORT_SIDE = 800              # detectron2 INPUT.MIN_SIZE_TEST (DensePose configs keep the default)
 DETECT_MAX_SIDE = 1333               # detectron2 INPUT.MAX_SIZE_TEST
 SIZE_DIVISIBILITY = 32               # the FPN backbone's input multiple (res5 stride)
 PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)  # detectron2 MODEL.PIXEL_MEAN, BGR like INPUT.FORMAT

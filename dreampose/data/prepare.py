@@ -33,19 +33,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .dataset import MARKER, frame_file_name, write_marker
-from .densepose import (
-    DETECT_SHORT_SIDE,
-    PERSON_CHOICES,
-    DensePoseModel,
-    estimate_uv,
-    load_densepose_model,
-)
 from ..errors import DreamPoseError
+from ..files.atomic import atomic_output
+from ..files.paths import IMAGE_SUFFIXES, natural_key
 from ..pipeline.poses import load_uv_file, uv_file_name
+from ..settings import PrepareOptions
+from .dataset import MARKER, frame_file_name, write_marker
+from .densepose import DensePoseModel, estimate_uv, load_densepose_model
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PLAN = "prepare.partial.json"          # an unfinished folder's settings; removed once the marker is written
 EMPTY_WARN_FRACTION = 0.1              # warn when more than this share of a video's frames has no person
 ASPECT_TOLERANCE = 0.01                # an existing .npy may differ from its frame in size, not in shape
@@ -56,46 +52,6 @@ _SETTING_KEYS = ("height", "width", "every", "fps", "max_frames")        # what 
 
 
 # ---------------------------------------------------------------------------------------------- options
-
-@dataclass(frozen=True)
-class PrepareOptions:
-    """How frames are picked, sized and posed. ``height``/``width``: output size (one of them keeps
-    the aspect ratio; neither keeps the source size). ``every``: keep every N-th frame; ``fps``:
-    keep the frames nearest to this rate instead (never more than the source has). ``max_frames``:
-    at most this many output frames per video (0 = all)."""
-
-    height: int | None = None
-    width: int | None = None
-    every: int = 1
-    fps: float | None = None
-    max_frames: int = 0
-    person: str = "largest"
-    frames_per_batch: int = 8
-    detect_resolution: int = DETECT_SHORT_SIDE
-    overwrite: bool = False
-
-    def check(self) -> PrepareOptions:
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise DreamPoseError(f"{name} must be a whole number of pixels ≥ 1, got {value!r}")
-        if not isinstance(self.every, int) or self.every < 1:
-            raise DreamPoseError(f"every must be a whole number ≥ 1, got {self.every!r}")
-        if self.fps is not None:
-            if not (isinstance(self.fps, (int, float)) and math.isfinite(self.fps) and self.fps > 0):
-                raise DreamPoseError(f"fps must be a positive number, got {self.fps!r}")
-            if self.every != 1:
-                raise DreamPoseError("give either fps or every, not both: both pick which frames are kept")
-        if self.max_frames < 0:
-            raise DreamPoseError(f"max_frames must be 0 (all) or more, got {self.max_frames}")
-        if self.frames_per_batch < 1:
-            raise DreamPoseError(f"frames_per_batch must be at least 1, got {self.frames_per_batch}")
-        if self.person not in PERSON_CHOICES:
-            raise DreamPoseError(f"unknown person choice {self.person!r}; use one of {PERSON_CHOICES}")
-        if self.detect_resolution < 0:
-            raise DreamPoseError(f"detect_resolution must be 0 (frame size) or more, got {self.detect_resolution}")
-        return self
-
 
 # ---------------------------------------------------------------------------------------------- sources
 
@@ -114,13 +70,9 @@ def is_frame_image(name: str) -> bool:
             and not _NOT_A_FRAME.search(name))
 
 
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
 def list_frame_images(folder: str) -> list[str]:
     """A frame folder's images in natural order (``frame_2`` before ``frame_10``)."""
-    names = sorted((n for n in os.listdir(folder) if is_frame_image(n)), key=_natural_key)
+    names = sorted((n for n in os.listdir(folder) if is_frame_image(n)), key=natural_key)
     return [os.path.join(folder, n) for n in names]
 
 
@@ -371,17 +323,11 @@ def _marker_fps(folder: str) -> float | None:
 
 def _atomic_write(path: str, write: Callable[[object], None]) -> None:
     """Write through a temporary name in the same folder, then rename: a crash never leaves a
-    truncated file under the final name (the next run would take it for a finished frame)."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    truncated file under the final name (the next run would take it for a finished frame). The
+    temporary name is fixed (``.<name>.<pid>.tmp``) so an interrupted folder's leftovers are known."""
+    with atomic_output(path, mode=0o666, tmp_name=f".{os.path.basename(path)}.{os.getpid()}.tmp") as tmp, \
+            open(tmp, "wb") as f:
+        write(f)
 
 
 def write_frame_png(path: str, rgb: np.ndarray) -> None:

@@ -23,8 +23,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import DreamPoseError
+from ..pipeline.poses import prepare_frame_folder, uv_file_name
+from ..pipeline.video import to_uint8, write_mp4
+from ..settings import MOTIONS, SPLITS, SynthSettings
+from .dataset import MARKER, frame_file_name, write_marker
 
 BACKGROUND: tuple[float, float, float] = (0.92, 0.92, 0.92)
 PARTS: tuple[str, ...] = (
@@ -33,9 +38,7 @@ PARTS: tuple[str, ...] = (
     "upper_leg_left", "upper_leg_right", "lower_leg_left", "lower_leg_right", "foot_left", "foot_right",
     "skirt",
 )
-MOTIONS: tuple[str, ...] = ("walk", "sway", "wave", "turn", "dance", "pose")
 PATTERNS: tuple[str, ...] = ("plain", "stripes", "checks", "dots")
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 POSE_PARAMS: tuple[str, ...] = (
     "x",          # pelvis offset from the frame centre, a fraction of the frame width
     "y",          # pelvis offset, a fraction of the frame height (+ = down)
@@ -622,19 +625,13 @@ def silhouette(frames: torch.Tensor, threshold: float = 0.08) -> torch.Tensor:
 _OWN_FILES = (re.compile(r"^frame_(\d+)\.png$"), re.compile(r"^frame_(\d+)_densepose\.npy$"))
 
 
-def write_video_folder(folder: str, video: WorldVideo, *, fps: float = 8.0, mp4: str | None = None,
+def write_video_folder(folder: str, video: WorldVideo, *, fps: float = SynthSettings.fps, mp4: str | None = None,
                        info: dict | None = None) -> str:
     """One prepared video folder (``frame_N.png`` + ``frame_N_densepose.npy``, marker last).
 
     Frame files an earlier, interrupted run left in ``folder`` are replaced, never mixed in.
     ``mp4``: also write the frames as a video there (to feed ``prepare`` in tests).
     """
-    from PIL import Image
-
-    from .dataset import MARKER, frame_file_name, write_marker
-    from ..pipeline.poses import prepare_frame_folder, uv_file_name
-    from ..pipeline.video import to_uint8, write_mp4
-
     count, _, height, width = video.frames.shape
     if tuple(video.uv.shape) != (count, 2, height, width):
         raise DreamPoseError(f"UV {tuple(video.uv.shape)} does not match the frames {tuple(video.frames.shape)}")
@@ -666,15 +663,14 @@ def world_seeds(seed: int, split: str, index: int) -> tuple[int, int]:
     return base, base + 1
 
 
-def write_world_dataset(root: str, *, videos: int, frames: int, height: int, width: int, seed: int = 0,
-                        split: str = "train", mp4: bool = False, progress=None, fps: float = 8.0) -> list[str]:
+def write_world_dataset(root: str, *, videos: int, frames: int, height: int, width: int,
+                        seed: int = SynthSettings.seed, split: str = SynthSettings.split, mp4: bool = False,
+                        progress=None, fps: float = SynthSettings.fps) -> list[str]:
     """``root/split/world_{k:04d}/`` for k < ``videos``; folders already finished are kept (resume).
 
     Motion families cycle through :data:`MOTIONS` (from a seed-dependent start), so every family
     is represented. ``progress(done, total, folder, skipped)`` is called after each video.
     """
-    from .dataset import MARKER
-
     for name, value, least in (("videos", videos, 1), ("frames", frames, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise DreamPoseError(f"{name} must be a whole number ≥ {least}, got {value!r}")

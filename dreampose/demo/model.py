@@ -1,195 +1,28 @@
-"""The shipped demo DreamPose: small networks of the real classes, trained on the synthetic world.
+"""The shipped demo DreamPose and the unseen synthetic person it animates (``python -m dreampose demo``,
+the demo nodes): no download, no input files.
 
-Real DreamPose starts from Stable Diffusion 1.x and CLIP ViT-B/32, which cannot ship in a package.
-The demo therefore builds its own miniature "SD": the same UNet/VAE/CLIP classes at a fraction of
-the width, with an autoencoder pretrained on synthetic-world frames (SD's VAE is pretrained too)
-and a random, frozen CLIP tower. Stage 1 is then the real ``python -m dreampose train`` on
-synthetic videos. ``scripts/train_demo_model.sh`` holds the exact commands; the result is
-``dreampose/assets/demo_dreampose.safetensors`` (fp16, UNet + adapter + VAE + CLIP in one file).
-
-``python -m dreampose.demo_model base|package`` are the two steps that are not the trainer.
+The model (``dreampose/assets/demo_dreampose.safetensors``, fp16, UNet + adapter + VAE + CLIP in
+one file) is the real DreamPose at a miniature size, trained with ``python -m dreampose train`` on
+the synthetic world (:mod:`dreampose.demo.build` and ``scripts/train_demo_model.sh`` hold the recipe),
+so it knows synthetic people only.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
-from ..pipeline.conditioning import VAE_SCALE
+from ..data.world import neutral_pose, random_motion, random_outfit, render_video, world_seeds
 from ..errors import DreamPoseError
-
-from .config import (ASSET_DIR, DEMO_FILE, DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_HEIGHT,  # noqa: F401
-                          DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH)
-
-DEMO_UNET = {
-    "sample_size": 24, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [32, 64, 96],
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3,
-    "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 8,
-}
-DEMO_VAE = {
-    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "sample_size": 192,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "scaling_factor": VAE_SCALE,
-}
-DEMO_CLIP = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "image_size": 224, "patch_size": 32, "projection_dim": 64, "hidden_act": "quick_gelu",
-}
-
-
-def demo_networks(seed: int = 0):
-    """Freshly initialised (seeded) base UNet (4 channels, like SD), VAE and CLIP vision of the demo sizes."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**DEMO_UNET)
-        vae = AutoencoderKL(**DEMO_VAE)
-        clip = CLIPVisionModel(CLIPVisionConfig(**DEMO_CLIP))
-    return unet.eval(), vae.eval(), clip.eval().requires_grad_(False)
-
-
-# ------------------------------------------------------------------------------------------ autoencoder
-
-def _kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-
-
-def _random_crops(frames: torch.Tensor, idx: torch.Tensor, crop: int, g: torch.Generator) -> torch.Tensor:
-    h, w = frames.shape[-2:]
-    out = []
-    for i in idx.tolist():
-        top = int(torch.randint(0, h - crop + 1, (), generator=g)) // 8 * 8
-        left = int(torch.randint(0, w - crop + 1, (), generator=g)) // 8 * 8
-        out.append(frames[i, :, top:top + crop, left:left + crop])
-    return torch.stack(out)
-
-
-def pretrain_autoencoder(vae, frames: torch.Tensor, *, steps: int, batch: int = 16, crop: int = 64, lr: float = 1e-3,
-                         kl_weight: float = 1e-6, seed: int = 0, progress=None) -> list[float]:
-    """Train the whole VAE as an autoencoder on random ``crop``² crops of ``frames`` ``[N,3,H,W]`` uint8
-    (L1 + a light KL, as latent-diffusion autoencoders are trained, without their perceptual/GAN
-    terms; crops because the VAE is convolutional and they cost a fraction of whole frames)."""
-    if frames.dtype != torch.uint8 or frames.ndim != 4:
-        raise DreamPoseError("pretrain_autoencoder takes [N,3,H,W] uint8 frames")
-    g = torch.Generator().manual_seed(seed)
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, min(100, steps // 10))   # then a cosine decay to zero
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses = []
-    with torch.enable_grad():
-        for step in range(steps):
-            idx = torch.randint(0, frames.shape[0], (batch,), generator=g)
-            x = _random_crops(frames, idx, min(crop, *frames.shape[-2:]), g).float() / 127.5 - 1
-            if torch.rand((), generator=g) < 0.5:
-                x = x.flip(-1)
-            dist = vae.encode(x).latent_dist
-            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
-            recon = vae.decode(z).sample
-            loss = F.l1_loss(recon, x) + kl_weight * _kl(dist.mean, dist.logvar)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            if progress is not None:
-                progress(step + 1, steps, losses[-1])
-    vae.eval().requires_grad_(False)
-    return losses
-
-
-@torch.no_grad()
-def calibrate_latent_scale(vae, frames: torch.Tensor, target_std: float = 1.0) -> float:
-    """Rescale the latent space in place so ``VAE_SCALE``·mean has ``target_std`` on these frames.
-
-    DreamPose multiplies latents by SD's fixed 0.18215; SD's VAE was made so that this gives unit
-    variance. Scaling the posterior mean by k (and shifting log-variance by 2·ln k) in ``quant_conv``
-    and dividing ``post_quant_conv``'s input by k is an exact reparametrisation that does the same
-    for our VAE. Returns k.
-    """
-    means = torch.cat([vae.encode(chunk.float() / 127.5 - 1).latent_dist.mean for chunk in frames.split(16)])
-    k = target_std / (VAE_SCALE * means.std().item())
-    c = vae.config.latent_channels
-    vae.quant_conv.weight[:c] *= k
-    vae.quant_conv.bias[:c] *= k
-    vae.quant_conv.bias[c:] += 2 * math.log(k)
-    vae.post_quant_conv.weight /= k
-    return k
-
-
-# ------------------------------------------------------------------------------------------ base folders
-
-def _load_frames(roots: list[str], height: int, width: int, limit: int) -> torch.Tensor:
-    from ..data.dataset import find_videos, load_frame
-    from ..pipeline.images import resize_u8
-
-    paths = [p for v in find_videos(roots) for p in v.frames]
-    step = max(1, len(paths) // limit) if limit else 1
-    frames = [load_frame(p) for p in paths[::step]]
-    return torch.stack([f if f.shape[-2:] == (height, width) else resize_u8(f, height, width) for f in frames])
-
-
-def build_base(data: list[str], out: str, *, vae_steps: int, seed: int = 0, height: int = DEMO_HEIGHT,
-               width: int = DEMO_WIDTH, max_frames: int = 2048, lr: float = 1e-3, init_vae: str | None = None,
-               progress=None) -> dict:
-    """Write ``out/sd`` (diffusers layout: random UNet, autoencoder pretrained on ``data``, scheduler)
-    and ``out/clip`` (random CLIP vision): the miniature stand-ins for SD 1.x and CLIP ViT-B/32.
-    ``init_vae``: continue from this VAE folder (a second pretraining phase) instead of a fresh one."""
-    from ..loaders.components import load_vae
-    from ..pipeline.sampling import default_scheduler_config
-    from .tiny import write_component
-
-    frames = _load_frames(data, height, width, max_frames)
-    unet, vae, clip = demo_networks(seed)
-    if init_vae:
-        vae = load_vae(init_vae)
-    t0 = time.perf_counter()
-    losses = pretrain_autoencoder(vae, frames, steps=vae_steps, seed=seed, lr=lr, progress=progress)
-    k = calibrate_latent_scale(vae, frames[:256])
-    sd = os.path.join(out, "sd")
-    write_component(unet, os.path.join(sd, "unet"), "diffusion_pytorch_model.safetensors")
-    write_component(vae, os.path.join(sd, "vae"), "diffusion_pytorch_model.safetensors")
-    os.makedirs(os.path.join(sd, "scheduler"), exist_ok=True)
-    with open(os.path.join(sd, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(default_scheduler_config(), f, indent=1)
-    clip_dir = os.path.join(out, "clip")
-    os.makedirs(clip_dir, exist_ok=True)
-    write_component(clip, clip_dir, "model.safetensors")
-    info = {"frames": int(frames.shape[0]), "vae_steps": vae_steps, "vae_loss_first": losses[0],
-            "vae_loss_last": sum(losses[-20:]) / len(losses[-20:]), "latent_rescale": k,
-            "seconds": time.perf_counter() - t0}
-    with open(os.path.join(out, "base_info.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    return info
-
-
-def package(trained: str, clip: str, out: str = DEMO_FILE, **meta) -> str:
-    """One self-contained fp16 file: the trained bundle's UNet + adapter + VAE, plus the CLIP tower."""
-    from ..loaders.load import load_dreampose, save_bundle
-
-    model = load_dreampose(clip=clip, dreampose=trained)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    return save_bundle(out, model.unet, model.adapter, model.vae, clip=model.clip, dtype=torch.float16,
-                       convention=model.convention, scheduler_config=model.scheduler_config,
-                       demo_height=DEMO_HEIGHT, demo_width=DEMO_WIDTH, **meta)
+from ..loaders.load import load_dreampose
+from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH,
+                        MOTIONS, FinetuneSettings, vae_settings)
+from ..training.finetune import finetune_subject, finetune_vae_decoder
+from .config import DEMO_FILE, DEMO_WORLD_SEED
 
 
 def load_demo_model(path: str = DEMO_FILE):
     """The shipped demo DreamPose (fp16 on disk; the caller places it on a device and dtype)."""
-    from ..loaders.load import load_dreampose
-
     if not os.path.isfile(path):
         raise DreamPoseError(f"the demo model is missing: {path!r}; reinstall the package or rebuild it with "
                              "scripts/train_demo_model.sh")
@@ -198,10 +31,7 @@ def load_demo_model(path: str = DEMO_FILE):
 
 # ------------------------------------------------------------------------------------------ demo scene
 
-DEMO_WORLD_SEED = 0    # the world seed the demo model was trained with (its train split)
-
-
-def demo_scene(frames: int = 16, subject: int = 0, motion: str | None = None, height: int = DEMO_HEIGHT,
+def demo_scene(frames: int = DEMO_FRAMES, subject: int = 0, motion: str | None = None, height: int = DEMO_HEIGHT,
                width: int = DEMO_WIDTH) -> dict:
     """An unseen subject and motion from the synthetic world's *test* split (never trained on).
 
@@ -209,8 +39,6 @@ def demo_scene(frames: int = 16, subject: int = 0, motion: str | None = None, he
     UV ``[F,2,H,W]``, the ground-truth frames ``[F,3,H,W]`` 0..1 (the subject rendered along the
     motion) and a description.
     """
-    from ..data.world import MOTIONS, neutral_pose, random_motion, random_outfit, render_video, world_seeds
-
     if motion is not None and motion not in MOTIONS:
         raise DreamPoseError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
     outfit_seed, motion_seed = world_seeds(DEMO_WORLD_SEED, "test", subject)
@@ -227,8 +55,6 @@ def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, 
                           height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH, callback=None):
     """UNet + adapter, then VAE decoder, finetuned on the one key frame (paper §4.3). Returns a new model;
     ``callback(stage, step, total, loss)``."""
-    from ..training.finetune import FinetuneSettings, finetune_subject, finetune_vae_decoder, vae_settings
-
     image = key_u8.float().unsqueeze(0) / 255
     if steps:
         settings = FinetuneSettings(steps=steps, lr=lr, seed=seed, height=height, width=width)
@@ -239,40 +65,3 @@ def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, 
         model = finetune_vae_decoder(model, image, settings,
                                      callback=None if callback is None else lambda *a: callback("vae", *a))
     return model
-
-
-# ------------------------------------------------------------------------------------------ command line
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreampose.demo_model", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="step", required=True)
-    b = sub.add_parser("base", help="miniature SD + CLIP: random UNet and CLIP, autoencoder pretrained on --data")
-    b.add_argument("--data", action="append", required=True)
-    b.add_argument("--out", required=True)
-    b.add_argument("--vae-steps", type=int, default=1500)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--init-vae", help="continue pretraining this VAE folder (e.g. an earlier --out's sd/vae)")
-    p = sub.add_parser("package", help="trained bundle + CLIP → one fp16 file")
-    p.add_argument("--trained", required=True)
-    p.add_argument("--clip", required=True)
-    p.add_argument("--out", default=DEMO_FILE)
-    p.add_argument("--command-file", help="a text file with the exact commands that trained it (goes in the metadata)")
-    args = parser.parse_args(argv)
-    if args.step == "base":
-        def progress(step, total, loss):
-            if step % 50 == 0 or step == total:
-                print(f"autoencoder step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
-        print(json.dumps(build_base(args.data, args.out, vae_steps=args.vae_steps, seed=args.seed, lr=args.lr,
-                                    init_vae=args.init_vae, progress=progress), indent=1))
-    else:
-        meta = {}
-        if args.command_file:
-            with open(args.command_file) as f:
-                meta["training_commands"] = f.read()
-        print(package(args.trained, args.clip, args.out, **meta))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,8 +14,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from ..loaders.load import DreamPoseModel, fresh_adapter
-from ..pipeline.sampling import default_scheduler_config
+from ..configs import default_scheduler_config
+from ..models.bundle import DreamPoseModel, fresh_adapter
 from ..models.unet import expand_conv_in
 
 TINY_UNET = {

@@ -30,13 +30,15 @@ import time
 
 import torch
 
-from ..pipeline.conditioning import encode_image_condition
-from ..models.devices import dtype_name, place_model, synchronize
-from ..errors import DreamPoseError
-from ..pipeline.poses import check_output_size, make_pose_windows
-from ..pipeline.sampling import SampleStats, decode_latents, make_scheduler, sample
 from ..data.synthetic import synthetic_key_frame, synthetic_uv_sequence
-from ..models.unet import UNET_IN_CHANNELS
+from ..errors import DreamPoseError
+from ..models.devices import dtype_name, synchronize
+from ..models.lora import lora_delta_of
+from ..pipeline.animate import prepare
+from ..pipeline.sampling import SampleStats, decode, make_scheduler, sample
+from ..settings import (BENCH_FINETUNE_MODES, UNET_IN_CHANNELS, BenchSettings, FinetuneSettings, SamplingOptions,
+                        check_output_size, vae_settings)
+from ..training.finetune import finetune_subject, finetune_vae_decoder, require_peft
 
 
 class _Counters:
@@ -150,37 +152,42 @@ def _peak_memory(device: torch.device) -> dict:
             "peak_memory_kind": "process peak RSS (getrusage), whole process including imports"}
 
 
-def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32, height: int = 256,
-              width: int = 256, frames: int = 8, frames_per_batch: int = 4, steps: int = 20,
-              sampler: str = "pndm", s_image: float = 8.0, s_pose: float = 3.0, start: str = "official",
-              repeats: int = 3, forward_repeats: int = 1, seed: int = 0, warmup: bool = True,
-              log=None) -> dict:
-    """Time ``sample`` against bare UNet forwards on synthetic inputs; returns a JSON-ready dict."""
-    check_output_size(height, width)
-    if frames < 1 or frames_per_batch < 1 or steps < 1 or repeats < 1 or forward_repeats < 1:
+def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: torch.dtype = torch.float32,
+              frames: int = BenchSettings.frames, repeats: int = BenchSettings.repeats,
+              forward_repeats: int = BenchSettings.forward_repeats, warmup: bool = True, log=None) -> dict:
+    """Time ``sample`` against bare UNet forwards on synthetic inputs; returns a JSON-ready dict.
+
+    Args:
+        model: placed on ``device`` in ``dtype`` here (CLIP in fp32).
+        options: the sampling run timed (size, sampler, steps, guidance, start, frames per UNet call, seed).
+        frames: frames sampled per run (a multiple of ``options.frames_per_batch``).
+        repeats: timed sampling runs (their median is reported), each followed by ``forward_repeats``
+            blocks of bare UNet forwards.
+    """
+    options.check()
+    height, width, steps, sampler = options.height, options.width, options.steps, options.sampler
+    frames_per_batch = options.frames_per_batch
+    if frames < 1 or repeats < 1 or forward_repeats < 1:
         raise DreamPoseError("frames, frames per batch, steps and repeats must all be at least 1")
     if frames % frames_per_batch:
         raise DreamPoseError(f"the benchmark needs frames ({frames}) to be a multiple of frames per batch "
                              f"({frames_per_batch}), so every chunk has the same UNet batch")
     say = log or (lambda msg: None)
-    place_model(model, device, dtype)
+    model.place(device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     counters = _Counters(model, device)
     try:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(options.seed)
         say("encoding the synthetic subject")
-        enc_s, cond = _timed(lambda: encode_image_condition(
-            synthetic_key_frame(), model.clip, model.vae, model.adapter, convention=model.convention,
+        enc_s, (cond, poses) = _timed(lambda: prepare(
+            model, synthetic_key_frame(), synthetic_uv_sequence(frames, height, width), options,
             generator=generator), device)
         encode_counts = counters.snapshot()
-        poses = make_pose_windows(synthetic_uv_sequence(frames, height, width), height, width)
-        run = dict(steps=steps, sampler=sampler, s_image=s_image, s_pose=s_pose, start=start,
-                   frames_per_batch=frames_per_batch, scheduler_config=model.scheduler_config)
 
         if warmup:
             say("warm-up")
-            sample(model.unet, model.vae, cond, poses, generator=generator, **{**run, "steps": min(steps, 2)})
+            sample(model, cond, poses, options.replace(steps=min(steps, 2)), generator=generator)
         counters.end_loop()
 
         # the bare forward: the denoiser's input layout for one chunk, called directly
@@ -188,7 +195,7 @@ def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32
         scheduler.set_timesteps(steps, device=device)
         n = frames_per_batch
         h, w = height // 8, width // 8
-        gen = torch.Generator().manual_seed(seed + 1)
+        gen = torch.Generator().manual_seed(options.seed + 1)
         model_in = torch.randn(3 * n, UNET_IN_CHANNELS, h, w, generator=gen).to(device, dtype)
         hidden = torch.cat([cond.uncond.expand(n, -1, -1), cond.cond.expand(n, -1, -1),
                             cond.cond.expand(n, -1, -1)]).to(device, dtype)
@@ -213,8 +220,8 @@ def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32
             counters.take_unet_seconds()
             before = counters.snapshot()
             stats = SampleStats()
-            secs, latents = _timed(lambda: sample(model.unet, model.vae, cond, poses, generator=generator,
-                                                  stats=stats, **run), device)
+            secs, latents = _timed(lambda: sample(model, cond, poses, options, generator=generator, stats=stats),
+                                   device)
             after = counters.snapshot()
             sample_times.append(secs)
             loop_unet_times.append(counters.take_unet_seconds())
@@ -224,7 +231,7 @@ def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32
             counters.take_unet_seconds()
         memory = _peak_memory(device)
         say("decoding")
-        dec_s, _ = _timed(lambda: decode_latents(model.vae, latents), device)
+        dec_s, _ = _timed(lambda: decode(model, latents, batch_size=frames_per_batch), device)
     finally:
         counters.close()
 
@@ -247,7 +254,7 @@ def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32
         "sampler": sampler,
         "steps": steps,
         "timesteps": timesteps,
-        "start": start,
+        "start": options.start,
         "width": width,
         "height": height,
         "size": f"{width}x{height}",
@@ -289,7 +296,7 @@ def benchmark(model, *, device: torch.device, dtype: torch.dtype = torch.float32
 
 # ----------------------------------------------------------------------------------------------- finetuning
 
-FINETUNE_MODES = ("full", "full+checkpointing", "lora", "vae")
+FINETUNE_MODES = BENCH_FINETUNE_MODES
 
 
 def _rss_reset() -> int | None:
@@ -341,17 +348,15 @@ def _finetune_memory_end(device: torch.device, start: dict) -> dict:
             "peak_memory_kind": mem["peak_memory_kind"] + " (cannot be reset: monotonic over the modes)"}
 
 
-def benchmark_finetune(model, *, device: torch.device, height: int = 256, width: int = 256, steps: int = 6,
-                       lora_rank: int = 4, batch_size: int = 1, precision: str = "fp32", seed: int = 0,
+def benchmark_finetune(model, *, device: torch.device, height: int = 256, width: int = 256,
+                       steps: int = BenchSettings.finetune_steps, lora_rank: int = BenchSettings.lora_rank,
+                       batch_size: int = 1, precision: str = BenchSettings.precision, seed: int = BenchSettings.seed,
                        modes=FINETUNE_MODES, log=None) -> dict:
     """Seconds per optimizer step and peak memory of each finetune mode on a synthetic subject.
 
     ``seconds_per_step`` is the median step after the first (the first also clones the networks and
     encodes the photo's condition: reported as ``first_step_seconds``).
     """
-    from ..training import finetune as ft
-    from ..loaders.subject_file import lora_delta_of
-
     check_output_size(height, width)
     if steps < 2:
         raise DreamPoseError("the finetune benchmark needs at least 2 steps (the first one is set-up)")
@@ -359,14 +364,14 @@ def benchmark_finetune(model, *, device: torch.device, height: int = 256, width:
     if unknown:
         raise DreamPoseError(f"unknown finetune modes {unknown}; choose from {FINETUNE_MODES}")
     say = log or (lambda msg: None)
-    place_model(model, device, torch.float32)
+    model.place(device, torch.float32)
     photo = synthetic_key_frame().float().unsqueeze(0) / 255
     uv = synthetic_uv_sequence(1, 640, 512)
     results = {}
     for mode in modes:
         if mode == "lora":
             try:
-                ft._require_peft()
+                require_peft()
             except DreamPoseError as exc:
                 results[mode] = {"skipped": str(exc)}
                 continue
@@ -382,13 +387,13 @@ def benchmark_finetune(model, *, device: torch.device, height: int = 256, width:
         start = _finetune_memory_start(device)
         t0 = time.perf_counter()
         if mode == "vae":
-            settings = ft.vae_settings(**common)
-            new = ft.finetune_vae_decoder(model, photo, settings, device=device, callback=tick)
+            settings = vae_settings(**common)
+            new = finetune_vae_decoder(model, photo, settings, device=device, callback=tick)
             trainable = sum(p.numel() for p in new.vae.decoder.parameters())
         else:
-            settings = ft.FinetuneSettings(**common, gradient_checkpointing=mode == "full+checkpointing",
+            settings = FinetuneSettings(**common, gradient_checkpointing=mode == "full+checkpointing",
                                            lora_rank=lora_rank if mode == "lora" else 0)
-            new = ft.finetune_subject(model, photo, uv, settings, device=device, callback=tick)
+            new = finetune_subject(model, photo, uv, settings, device=device, callback=tick)
             adapter = sum(p.numel() for p in new.adapter.parameters())
             if mode == "lora":
                 delta = lora_delta_of(new)

@@ -35,14 +35,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics as M
-from ..files.weights import atomic_output
+from PIL import Image, UnidentifiedImageError
+
+from ..data import world
+from ..data.dataset import find_videos, load_frame, load_pose
 from ..errors import DreamPoseError
+from ..files.atomic import write_text_atomic
+from ..files.weights import is_safetensors, read_metadata
+from ..loaders.load import load_dreampose
+from ..models.devices import dtype_name
+from ..pipeline.animate import animate
+from ..pipeline.poses import window_indices
+from ..pipeline.sampling import SampleStats
+from ..pipeline.video import save_png_frames
+from ..settings import ONE_POSE_OFFSETS, WINDOW_OFFSETS, EvalSettings, FinetuneSettings, check_output_size, vae_settings
+from ..training.finetune import finetune_subject, finetune_vae_decoder
+from . import metrics as M
 
 ROLES = ("full", "clip", "onepose")
 ROWS = ("Ours_CLIP", "Ours_No-VAE-FT", "Ours_1-pose", "Ours_full")
 SINGLE_ROW = "model"
-POSE_WINDOWS = {1: (0, 0, 0, 0, 0), 5: (-2, -1, 0, 1, 2)}
+POSE_WINDOWS = {1: ONE_POSE_OFFSETS, 5: WINDOW_OFFSETS}
 # The paper's Table 2 (UBC Fashion, 256 px), shown beside ours for orientation only.
 PAPER_TABLE2 = {
     "Ours_CLIP": {"l1": 0.025, "ssim": 0.882, "vgg": 0.247, "lpips": 0.070},
@@ -67,29 +80,7 @@ POSE_NOTE = ("pose IoU: silhouette of each generated frame (pixels differing fro
              "Meaningful only on plain-background videos (the synthetic world).")
 
 
-# --------------------------------------------------------------------------------------------- settings
-
-@dataclass
-class EvalSettings:
-    """Everything that decides the generated frames, identical for every row of an ablation."""
-
-    steps: int = 100
-    sampler: str = "pndm"
-    s_image: float = 8.0
-    s_pose: float = 3.0
-    seed: int = 0
-    frames_per_batch: int = 4
-    height: int | None = None       # None: the ground truth's height (must be a multiple of 64)
-    width: int | None = None
-    key_frame: int = 0
-    max_frames: int = 0             # 0: every frame of the video
-    finetune_steps: int = 0         # UNet + adapter subject finetune on the key frame (0: none)
-    vae_finetune_steps: int = 0     # VAE decoder finetune on the key frame (0: none)
-    finetune_lr: float | None = None      # None: finetune.py's default
-    vae_finetune_lr: float | None = None
-    shuffle_seed: int = 0
-    save_frames: bool = False
-
+# --------------------------------------------------------------------------------------------- rows
 
 @dataclass
 class Variant:
@@ -178,8 +169,6 @@ def single_variant(bundle: str, settings: EvalSettings) -> list[Variant]:
 
 
 def _frame_size(path: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.size[1], im.size[0]
@@ -197,9 +186,6 @@ def _uv_shape(path: str) -> tuple[int, ...]:
 def plan_videos(data: list[str] | str, settings: EvalSettings, warn=None) -> list[VideoPlan]:
     """Every prepared test video, checked from file headers only (no pixels read): frame count, key
     frame index, one size for all frames and their UV, a sampling size that is a multiple of 64."""
-    from ..data.dataset import find_videos
-    from ..pipeline.poses import check_output_size
-
     roots = [data] if isinstance(data, str) else list(data)
     plans = []
     for video in find_videos(roots, warn=warn):
@@ -239,8 +225,6 @@ def plan_videos(data: list[str] | str, settings: EvalSettings, warn=None) -> lis
 
 def load_video(plan: VideoPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """(frames ``[F,3,H,W]`` uint8, UV ``[F,2,H,W]`` float32) of the frames in use."""
-    from ..data.dataset import load_frame, load_pose
-
     frames = torch.stack([load_frame(p) for p in plan.video.frames[:plan.count]])
     uv = torch.stack([load_pose(p) for p in plan.video.poses[:plan.count]])
     return frames, uv
@@ -255,26 +239,21 @@ def load_model(bundle: str, *, clip: str | None, base: str | None = None, vae: s
     The one place models are loaded, so bundles that carry their own CLIP/VAE can make ``clip``
     optional here alone.
     """
-    from ..models.devices import place_model
-    from ..loaders.load import load_dreampose
-
     meta = check_bundle(bundle, clip=clip)
     model = load_dreampose(clip=clip, dreampose=bundle, base=base, vae=vae)
     if device is not None:
-        place_model(model, device, dtype or torch.float32)
+        model.place(device, dtype or torch.float32)
     return model, meta
 
 
 def check_bundle(bundle: str, *, clip: str | None) -> dict:
     """What :func:`load_model` needs, checked from file headers: the bundle exists (its safetensors
     metadata is returned, ``{}`` for other formats) and CLIP is given."""
-    from ..files.weights import read_metadata
-
     if not clip:
         raise DreamPoseError("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)")
     if not os.path.isfile(bundle):
         raise DreamPoseError(f"DreamPose bundle not found: {bundle}")
-    return read_metadata(bundle) if bundle.lower().endswith((".safetensors", ".sft")) else {}
+    return read_metadata(bundle) if is_safetensors(bundle) else {}
 
 
 def check_variants(variants: list[Variant], *, clip: str | None) -> None:
@@ -318,8 +297,6 @@ _META_SKIP = ("unet_config", "vae_config", "adapter_config", "scheduler_config")
 
 def _clip_only(variant: Variant) -> bool:
     """A CLIP-only model stays CLIP-only through its subject finetune (VAE-token weights held at zero)."""
-    from ..files.weights import read_metadata
-
     return variant.role == "clip" or read_metadata(variant.bundle).get("conditioning") == "clip"
 
 
@@ -338,13 +315,6 @@ def _finetune(model, key_u8, key_uv, variant: Variant, settings: EvalSettings, h
     The UNet finetune is deterministic (seeded), so rows of one bundle with the same step count share
     it (``cache``) instead of training it twice.
     """
-    from ..training.finetune import (
-        FinetuneSettings,
-        finetune_subject,
-        finetune_vae_decoder,
-        vae_settings,
-    )
-
     ran = {"unet_finetune_steps": 0, "vae_finetune_steps": 0, "finetune_s": 0.0}
     if variant.finetune_steps:
         key = ("unet", variant.finetune_steps)
@@ -372,36 +342,17 @@ def _finetune(model, key_u8, key_uv, variant: Variant, settings: EvalSettings, h
 @torch.no_grad()
 def generate(model, key_u8: torch.Tensor, uv: torch.Tensor, settings: EvalSettings, height: int, width: int,
              offsets: tuple[int, ...]) -> tuple[torch.Tensor, dict]:
-    """The real pipeline (encode → pose windows → dual-guidance sampling → decode), seeded as
-    ``animate`` is: one CPU generator, conditioning draws first. Returns frames ``[F,3,H,W]`` 0..1."""
-    from ..pipeline.conditioning import encode_image_condition
-    from ..pipeline.poses import make_pose_windows
-    from ..pipeline.sampling import SampleStats, generate_frames
-
-    generator = torch.Generator().manual_seed(settings.seed)
-    cond = encode_image_condition(key_u8, model.clip, model.vae, model.adapter, convention=model.convention,
-                                  latent_mode="sample", generator=generator)
-    poses = make_pose_windows(uv, height, width, offsets)
+    """The real pipeline (:func:`dreampose.pipeline.animate.animate`), seeded as ``animate`` is: one
+    CPU generator, conditioning draws first. Returns frames ``[F,3,H,W]`` 0..1 and what ran."""
     stats = SampleStats()
-    frames = torch.empty(len(poses), 3, height, width)
-    for chunk, _, images in generate_frames(model.unet, model.vae, cond, poses, steps=settings.steps,
-                                            sampler=settings.sampler, s_image=settings.s_image,
-                                            s_pose=settings.s_pose, generator=generator,
-                                            frames_per_batch=settings.frames_per_batch,
-                                            scheduler_config=model.scheduler_config, stats=stats):
-        frames[chunk] = images.permute(0, 3, 1, 2)
-    centre = torch.arange(len(poses)).unsqueeze(1)
-    ran = {"pose_offsets": list(offsets), "pose_window_all_centre": bool((poses.indices == centre).all()),
+    frames = torch.empty(uv.shape[0], 3, height, width)
+    for chunk in animate(model, key_u8, uv, settings.sampling(height, width), stats=stats, offsets=offsets):
+        frames[chunk.frames] = chunk.images.permute(0, 3, 1, 2)
+    indices = window_indices(uv.shape[0], offsets)   # the table the pose windows were built from
+    ran = {"pose_offsets": list(offsets),
+           "pose_window_all_centre": bool((indices == torch.arange(uv.shape[0]).unsqueeze(1)).all()),
            "unet_calls": stats.unet_calls, "sampled_size": [width, height]}
     return frames, ran
-
-
-def _world():
-    try:
-        from ..data import world
-    except ImportError:
-        return None
-    return world
 
 
 def _segments(count: int, key: int) -> list[range]:
@@ -423,19 +374,14 @@ def video_metrics(pred: torch.Tensor, gt_u8: torch.Tensor, uv: torch.Tensor, key
     per_frame["ssim"] = M.ssim(p, g)
     per_frame["vgg"] = M.vgg_distance(p, g, nets.vgg) if nets.vgg is not None else nets.skipped["vgg"]
     per_frame["lpips"] = M.lpips_distance(p, g, nets.lpips) if nets.lpips is not None else nets.skipped["lpips"]
-    world = _world()
-    if world is None:
-        per_frame["pose_iou"] = per_frame["shuffled_pose_iou"] = M.skipped(
-            "pose_iou", "dreampose.world (silhouette, body_mask) is not available")
+    gen_masks, pose_masks = world.silhouette(p), world.body_mask(uv[keep])
+    align = M.pose_alignment(gen_masks, pose_masks, shuffle_seed)
+    per_frame["pose_iou"] = torch.tensor(align["per_frame"], dtype=torch.float64)
+    if align["permutation"] is None:
+        per_frame["shuffled_pose_iou"] = M.skipped("shuffled_pose_iou", "one evaluated frame: no derangement")
     else:
-        gen_masks, pose_masks = world.silhouette(p), world.body_mask(uv[keep])
-        align = M.pose_alignment(gen_masks, pose_masks, shuffle_seed)
-        per_frame["pose_iou"] = torch.tensor(align["per_frame"], dtype=torch.float64)
-        if align["permutation"] is None:
-            per_frame["shuffled_pose_iou"] = M.skipped("shuffled_pose_iou", "one evaluated frame: no derangement")
-        else:
-            per_frame["shuffled_pose_iou"] = M.mask_iou(gen_masks, pose_masks[align["permutation"]])
-            out["pose_permutation"] = [keep[i] for i in align["permutation"]]
+        per_frame["shuffled_pose_iou"] = M.mask_iou(gen_masks, pose_masks[align["permutation"]])
+        out["pose_permutation"] = [keep[i] for i in align["permutation"]]
     for name, values in per_frame.items():
         out[name] = values if M.is_skipped(values) else float(values.mean())
         acc.add(name, values)
@@ -503,8 +449,6 @@ def evaluate(variants: list[Variant], videos: list[VideoPlan], settings: EvalSet
 
     Bundles are loaded once each (rows of the same bundle share it, and its UNet finetune).
     """
-    from ..models.devices import dtype_name
-
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     nets = nets or M.load_feature_nets(discover=False)
@@ -697,16 +641,11 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: str, text: str) -> None:
-    with atomic_output(path, os.path.splitext(path)[1], mode=0o666) as tmp, open(tmp, "w") as f:
-        f.write(text)
-
-
 def write_reports(result: dict, out: str) -> tuple[str, str]:
     os.makedirs(out, exist_ok=True)
     js, md = os.path.join(out, "metrics.json"), os.path.join(out, "metrics.md")
-    _atomic_write(js, json.dumps(result, indent=1, default=str) + "\n")
-    _atomic_write(md, markdown_report(result))
+    write_text_atomic(js, json.dumps(result, indent=1, default=str) + "\n")
+    write_text_atomic(md, markdown_report(result))
     return js, md
 
 
@@ -717,10 +656,6 @@ def _safe(name: str) -> str:
 def _save_frames(out: str, row: str, plan: VideoPlan, pred: torch.Tensor, gt_u8: torch.Tensor) -> None:
     """Generated PNGs and a contact sheet: generated row above the ground truth, the key frame's
     column framed in red (it is the input, not a prediction)."""
-    from PIL import Image
-
-    from ..pipeline.video import save_png_frames
-
     folder = os.path.join(out, "frames", row, _safe(plan.name))
     save_png_frames(pred.permute(0, 2, 3, 1), folder)
     count = pred.shape[0]

@@ -1,9 +1,11 @@
-"""Reading and writing weight files safely: safetensors, or pickles restricted to plain tensors.
+"""Reading weight files safely: safetensors, or pickles restricted to plain tensors.
 
 Every ``.pth``/``.ckpt``/``.bin`` goes through ``torch.load(weights_only=True)``: a file whose
 unpickling would build arbitrary objects (and so could run code) is refused before anything in it
 runs. Key clean-ups needed by the authors' released files live here too: the DDP ``module.``
-prefix and the VAE attention names of diffusers < 0.17. Writes are atomic (temp file, then rename).
+prefix, the VAE attention names of diffusers < 0.17 and the two CLIP key layouts. Our metadata
+header (``format_metadata``, ``metadata_json``) is written and read here too; writing files is
+:mod:`dreampose.files.atomic`.
 
 ``peek_keys`` lists a file's tensor names without reading the tensors and ``guess_kind`` says which
 model those names belong to, so a file given for the wrong input is refused, with what it *is*,
@@ -11,41 +13,33 @@ before any weights are loaded. Every failure to read a file is a DreamPoseError 
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import DreamPoseError
+from .paths import require_path
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 FORMAT_NAME = "dreampose"
 FORMAT_VERSION = "1"
 
+CLIP_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 _OLD_VAE_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 _NEW_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def require_file(path: str, what: str) -> str:
-    if not path or not os.path.isfile(path):
-        raise DreamPoseError(f"{what} not found: {path!r}")
-    return path
-
-
-def _is_safetensors(path: str) -> bool:
+def is_safetensors(path: str) -> bool:
     return path.lower().endswith(SAFETENSORS_SUFFIXES)
 
 
 def _check_suffix(path: str) -> None:
-    if not _is_safetensors(path) and not path.lower().endswith(PICKLE_SUFFIXES):
+    if not is_safetensors(path) and not path.lower().endswith(PICKLE_SUFFIXES):
         raise DreamPoseError(f"{path}: unknown weights format; expected .safetensors, .pth, .pt, .ckpt or .bin")
 
 
@@ -96,9 +90,9 @@ def _unwrap(data, path: str) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str, what: str = "weights file") -> dict[str, torch.Tensor]:
     """Tensors of a safetensors or (weights-only) pickle file; ldm ``state_dict`` wrappers unwrapped."""
-    require_file(path, what)
+    require_path(path, what, file=True)
     _check_suffix(path)
-    if _is_safetensors(path):
+    if is_safetensors(path):
         with _open_safetensors(path) as f:
             return {k: f.get_tensor(k) for k in f.keys()}
     return _unwrap(_torch_load(path), path)
@@ -111,9 +105,9 @@ def peek_keys(path: str) -> list[str] | None:
     storages stay on disk; still weights-only, so a malicious file is refused here already. Legacy
     (non-zip) pickles cannot be read lazily: None, and the full load checks them later.
     """
-    require_file(path, "weights file")
+    require_path(path, "weights file", file=True)
     _check_suffix(path)
-    if _is_safetensors(path):
+    if is_safetensors(path):
         with _open_safetensors(path) as f:
             return list(f.keys())
     if not zipfile.is_zipfile(path):
@@ -123,9 +117,9 @@ def peek_keys(path: str) -> list[str] | None:
 
 def read_metadata(path: str) -> dict[str, str]:
     """The string metadata of a safetensors file (empty for other formats)."""
-    if not _is_safetensors(path):
+    if not is_safetensors(path):
         return {}
-    require_file(path, "weights file")
+    require_path(path, "weights file", file=True)
     with _open_safetensors(path) as f:
         return dict(f.metadata() or {})
 
@@ -181,44 +175,42 @@ def split_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-@contextlib.contextmanager
-def atomic_output(path: str, suffix: str = "", mode: int | None = None):
-    """Yield a temporary path beside ``path``; on success rename it to ``path``, on any error (or
-    Ctrl-C) delete it, so a crash never leaves a half-written file under the final name.
-    ``mode``: permissions to give the file (``mkstemp`` makes 0600)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)   # the suffix may pick a format
-    os.close(fd)
-    try:
-        yield tmp
-        if mode is not None:
-            os.chmod(tmp, mode & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def normalise_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare CLIP vision keys (``embeddings.*`` …) from either layout; text tower and projection dropped."""
+    out = {}
+    for k, v in state.items():
+        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        if k.startswith(CLIP_PREFIXES) and not k.endswith("position_ids"):
+            out[k] = v
+    return out
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> str:
-    """Write safetensors to a temp name beside ``path`` and rename: no half-written file on a crash."""
-    with atomic_output(path, ".safetensors", mode=0o666) as tmp:   # a model file gets the usual permissions
-        contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        save_file(contiguous, tmp, metadata={k: str(v) for k, v in metadata.items()})
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _jsonable(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
 
 
 def format_metadata(**fields) -> dict[str, str]:
-    """Our file header: format, version and the given fields (dicts/lists as JSON)."""
+    """Our file header: format, version and the given fields (dicts/lists as JSON; values JSON cannot
+    hold, such as dtypes, as their text)."""
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION}
     for k, v in fields.items():
         if v is not None:
-            meta[k] = v if isinstance(v, str) else json.dumps(v)
+            meta[k] = v if isinstance(v, str) else json.dumps(v, default=_jsonable)
     return meta
+
+
+def is_ours(meta: dict[str, str]) -> bool:
+    """Whether a safetensors header is one of ours (``format: dreampose``)."""
+    return meta.get("format") == FORMAT_NAME
+
+
+def metadata_json(meta: dict[str, str], key: str, source: str, default=None):
+    """A JSON field of our metadata (``default`` when absent); a damaged one names the file and field."""
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except ValueError as exc:
+        raise DreamPoseError(f"{source}: damaged metadata field {key!r} ({exc})") from exc

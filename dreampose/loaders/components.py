@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import threading
 from typing import Callable
@@ -26,42 +25,17 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from ..models.adapter import EmbeddingAdapter
-from ..files.weights import (KIND_NAMES, guess_kind, modernise_vae_keys, read_metadata, read_state_dict,
-                          strip_module_prefix)
+from ..configs import clean_config, shipped_config
 from ..errors import DreamPoseError
+from ..files.paths import read_json_config as read_config
+from ..files.paths import require_path
+from ..files.weights import (KIND_NAMES, guess_kind, modernise_vae_keys, normalise_clip_keys, read_state_dict,
+                             strip_module_prefix)
+from ..models.adapter import EmbeddingAdapter
 from ..models.unet import unet_config_with_pose
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
                 "model.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
-CLIP_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-
-
-def shipped_config(name: str) -> dict:
-    """One of the package's configs: ``sd15_unet``, ``sd15_vae``, ``sd15_scheduler``, ``clip_vit_b32_vision``."""
-    with open(os.path.join(CONFIG_DIR, f"{name}.json")) as f:
-        return json.load(f)
-
-
-def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_config(path: str) -> dict:
-    """A model's config.json; a damaged one is the user's file to fix, so a DreamPoseError."""
-    try:
-        cfg = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise DreamPoseError(f"{path}: not a readable JSON config ({exc})") from exc
-    if not isinstance(cfg, dict):
-        raise DreamPoseError(f"{path}: a config must be a JSON object")
-    return cfg
-
-
-def _clean_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 @contextlib.contextmanager
@@ -169,20 +143,15 @@ def _subfolder(path: str, sub: str, class_name: str) -> str:
                          "single .safetensors checkpoint")
 
 
-def _missing(path: str, what: str) -> None:
-    if not path or not os.path.exists(path):
-        raise DreamPoseError(f"{what} not found: {path!r}")
-
-
 def load_base_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
     """The SD 1.x UNet (4 input channels) from a diffusers folder or an ldm single file."""
-    _missing(path, "Stable Diffusion 1.x model")
+    require_path(path, "Stable Diffusion 1.x model")
     if os.path.isdir(path):
         folder = _subfolder(path, "unet", "UNet2DConditionModel")
-        config = _clean_config(config or read_config(os.path.join(folder, "config.json")))
+        config = clean_config(config or read_config(os.path.join(folder, "config.json")))
         state = read_state_dict(_folder_weights(folder))
     else:
-        config = _clean_config(config or shipped_config("sd15_unet"))
+        config = clean_config(config or shipped_config("sd15_unet"))
         raw = read_state_dict(path, "Stable Diffusion 1.x checkpoint")
         if not any(k.startswith("model.diffusion_model.") for k in raw):
             raise DreamPoseError(f"{path}: no 'model.diffusion_model.*' weights; this is not a full Stable "
@@ -198,29 +167,19 @@ def _is_diffusers_vae(state: dict) -> bool:
 def load_vae(path: str, config: dict | None = None) -> AutoencoderKL:
     """SD 1.x VAE from a diffusers folder, an ldm checkpoint/VAE file, or a diffusers-keyed state dict
     (the authors' ``vae_N.pth``, old attention names accepted)."""
-    _missing(path, "VAE")
+    require_path(path, "VAE")
     if os.path.isdir(path):
         folder = _subfolder(path, "vae", "AutoencoderKL")
-        config = _clean_config(config or read_config(os.path.join(folder, "config.json")))
+        config = clean_config(config or read_config(os.path.join(folder, "config.json")))
         state = read_state_dict(_folder_weights(folder))
     else:
-        config = _clean_config(config or shipped_config("sd15_vae"))
+        config = clean_config(config or shipped_config("sd15_vae"))
         raw = strip_module_prefix(read_state_dict(path, "VAE file"))
         if guess_kind(raw) not in ("vae", "sd_checkpoint", "unknown"):
             raise DreamPoseError(f"{path}: not a VAE, it looks like {looks_like(raw)}")
         state = raw if _is_diffusers_vae(raw) else convert_ldm_vae_checkpoint(raw, config)
     state = modernise_vae_keys(state)
     return instantiate(lambda: AutoencoderKL.from_config(config), state, "Stable Diffusion VAE", path)
-
-
-def normalise_clip_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bare CLIP vision keys (``embeddings.*`` …) from either layout; text tower and projection dropped."""
-    out = {}
-    for k, v in state.items():
-        k = k[len("vision_model."):] if k.startswith("vision_model.") else k
-        if k.startswith(CLIP_PREFIXES) and not k.endswith("position_ids"):
-            out[k] = v
-    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -233,7 +192,7 @@ def _clip_keys_have_prefix() -> bool:
 
 def load_clip_vision(path: str, config: dict | None = None) -> CLIPVisionModel:
     """CLIP vision tower from a folder (``config.json`` + weights) or a single file (ViT-B/32 config)."""
-    _missing(path, "CLIP vision model")
+    require_path(path, "CLIP vision model")
     folder_config = os.path.join(path, "config.json")
     if os.path.isdir(path):
         weights = _folder_weights(path)
@@ -252,7 +211,7 @@ def clip_from_state(raw: dict[str, torch.Tensor], cfg: dict, source: str) -> CLI
                              f"looks like {looks_like(raw)}; give the openai/clip-vit-base-patch32 model")
     if "vision_config" in cfg:  # a full CLIPModel config
         cfg = cfg["vision_config"]
-    vision_config = CLIPVisionConfig(**_clean_config(cfg))
+    vision_config = CLIPVisionConfig(**clean_config(cfg))
     if _clip_keys_have_prefix():  # transformers 4 layout
         state = {f"vision_model.{k}": v for k, v in state.items()}
     return instantiate(lambda: CLIPVisionModel(vision_config), state, "CLIP vision model (ViT-B/32)", source)
@@ -283,5 +242,21 @@ def load_authors_adapter(path: str) -> EmbeddingAdapter:
     return load_adapter_state(read_state_dict(path, "DreamPose adapter file"), path)
 
 
-def is_dreampose_file(path: str) -> bool:
-    return read_metadata(path).get("format") == "dreampose"
+def _builder(module: torch.nn.Module):
+    if isinstance(module, EmbeddingAdapter):
+        return lambda: EmbeddingAdapter(module.clip_width, module.clip_tokens, module.vae_tokens, module.vae_features)
+    if isinstance(module, (UNet2DConditionModel, AutoencoderKL)):
+        config = clean_config(dict(module.config))
+        return lambda: type(module).from_config(config)
+    raise TypeError(f"cannot clone a {type(module).__name__}")
+
+
+def clone_module(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A copy with its own storage (ordinary tensors, even from inference-mode ones), built without
+    random init, on ``device`` in ``dtype`` (floating tensors only); eval mode, no grad."""
+    with torch.inference_mode(False):
+        state = {}
+        for k, v in module.state_dict().items():
+            want = dtype if (dtype is not None and v.is_floating_point()) else v.dtype
+            state[k] = v.detach().to(device=device if device is not None else v.device, dtype=want, copy=True)
+        return instantiate(_builder(module), state, type(module).__name__, "a model in memory")

@@ -1,13 +1,20 @@
-"""Device and precision choices outside ComfyUI (the command line and the benchmark)."""
+"""Where networks run and in which precision, and random draws that do not depend on either.
+
+The command line and the benchmarks pick devices and dtypes here (``resolve_device``,
+``resolve_dtype``); inside ComfyUI the host picks them and the nodes only name them with
+:func:`dtype_name`. Every random draw of the library comes from an explicit CPU generator
+(:func:`randn`), so a seed gives the same numbers on any device.
+"""
 from __future__ import annotations
 
 import torch
 
 from ..errors import DreamPoseError
+from ..settings import DTYPE_CHOICES
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -38,7 +45,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    """``fp32``/``fp16``/``bf16`` (the names of the dtype options); other dtypes as torch prints them."""
+    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The inverse of :func:`dtype_name` (``float16`` style names accepted too)."""
+    if name not in DTYPES:
+        raise DreamPoseError(f"unknown dtype {name!r}; use one of {DTYPE_CHOICES[1:]}")
+    return DTYPES[name]
+
+
+def module_place(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's first parameter."""
+    p = next(module.parameters())
+    return p.device, p.dtype
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,13 +70,7 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def place_model(model, device: torch.device, dtype: torch.dtype):
-    """UNet, adapter and VAE in ``dtype``; CLIP stays fp32 (it runs once per subject, as officially).
-
-    In place, like ``DreamPoseModel.to``, but through ``torch.nn.Module.to``: diffusers' own ``to``
-    logs a "modules that should be kept in float32: []" warning for every dtype argument, even an
-    empty list of such modules, which would only confuse a command-line user.
-    """
-    for net, want in ((model.unet, dtype), (model.adapter, dtype), (model.vae, dtype), (model.clip, torch.float32)):
-        torch.nn.Module.to(net, device=device, dtype=want)
-    return model
+def randn(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard normal float32 noise drawn on the CPU from ``generator``, then moved to ``device``:
+    the same seed gives the same numbers whatever the device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)

@@ -4,7 +4,7 @@ The only architectural change is ``conv_in``: 4 latent channels plus 10 pose cha
 DensePose UV frames). The latent weights and the bias are copied from the pretrained layer and the
 10 pose channels start at zero, so a fresh DreamPose UNet computes exactly what the base UNet did.
 (The authors' script dropped the pretrained bias and, in released history, zeroed latent channel 3
-too; both are fixed here as official-code-notes.md §8 items 1–2 recommend.)
+too; both are fixed here: docs/official-code.md, quirks #1 and #2.)
 """
 from __future__ import annotations
 
@@ -14,15 +14,13 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
-LATENT_CHANNELS = 4
-POSE_FRAMES = 5
-POSE_CHANNELS = 2 * POSE_FRAMES
-UNET_IN_CHANNELS = LATENT_CHANNELS + POSE_CHANNELS
+from ..configs import clean_config
+from ..settings import LATENT_CHANNELS, UNET_IN_CHANNELS
 
 
 def unet_config_with_pose(config: dict) -> dict:
     """A UNet config that builds the 14-channel model (the authors' saved configs wrongly say 4)."""
-    config = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    config = clean_config(config)
     config["in_channels"] = UNET_IN_CHANNELS
     return config
 

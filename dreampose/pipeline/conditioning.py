@@ -1,7 +1,7 @@
 """Image conditioning: the key frame through CLIP and the VAE, joined by the adapter (paper §4.2).
 
 Two conventions exist because the authors' inference and training code disagree
-(official-code-notes.md §2 and §8, design.md):
+(docs/official-code.md, quirks #4, #5 and #7):
 
 * ``official`` – bit-for-bit the released inference: the VAE conditioning path gets raw 0..255
   pixels, and the null image's VAE input is built transposed (W×H). Use with the authors' weights.
@@ -18,14 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.adapter import EmbeddingAdapter
 from ..errors import DreamPoseError
+from ..settings import COND_HEIGHT, COND_WIDTH, VAE_SCALE, check_convention, check_latent_mode
 from .images import check_image, clip_pixels, resize_u8, to_minus1_1
-
-CONVENTIONS = ("official", "standard")
-LATENT_MODES = ("sample", "mode")
-COND_HEIGHT, COND_WIDTH = 640, 512
-VAE_SCALE = 0.18215  # a literal in the official code, equal to SD 1.x's scaling_factor
 
 
 @dataclass
@@ -42,17 +37,10 @@ class ImageCondition:
                               self.key_frame, self.convention)
 
 
-def check_convention(convention: str) -> str:
-    if convention not in CONVENTIONS:
-        raise DreamPoseError(f"unknown conditioning convention {convention!r}; use one of {CONVENTIONS}")
-    return convention
-
-
 def vae_latent(vae, pixels: torch.Tensor, latent_mode: str = "sample",
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Scaled VAE latent of pixels already in the VAE's input range; ``sample`` draws from ``generator``."""
-    if latent_mode not in LATENT_MODES:
-        raise DreamPoseError(f"conditioning latent must be one of {LATENT_MODES}, got {latent_mode!r}")
+    check_latent_mode(latent_mode)
     param = next(vae.parameters())
     dist = vae.encode(pixels.to(device=param.device, dtype=param.dtype)).latent_dist
     latent = dist.sample(generator=generator) if latent_mode == "sample" else dist.mode()
@@ -68,22 +56,47 @@ def vae_inputs(key_u8: torch.Tensor, convention: str) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def encode_image_condition(image: torch.Tensor, clip_vision, vae, adapter: EmbeddingAdapter, *,
-                           convention: str = "official", latent_mode: str = "sample",
-                           generator: torch.Generator | None = None) -> ImageCondition:
-    """Encode one key frame (``[3,H,W]`` 0..1 or uint8, any size) into cond and null embeddings.
+def encode_image_condition(model, image: torch.Tensor, *, latent_mode: str = "sample",
+                           generator: torch.Generator | None = None, convention: str | None = None) -> ImageCondition:
+    """Encode one key frame into the condition and its null, for dual guidance.
 
-    Draw order from ``generator`` (``sample`` mode): key frame latent, then null latent.
+    Args:
+        model: a :class:`~dreampose.models.bundle.DreamPoseModel` (its CLIP, VAE and adapter are used
+            where they are, in their dtypes).
+        image: ``[3,H,W]`` (or ``[1,3,H,W]``) RGB, float 0..1 or uint8, any size: it is resized to
+            640×512 with PIL's bicubic filter, as the authors did.
+        latent_mode: ``sample`` draws the VAE latent from its posterior (the authors' way, quirk #13),
+            ``mode`` takes its mean.
+        generator: CPU generator for the ``sample`` draws, in this order: key frame, then null image.
+        convention: overrides ``model.convention`` (``official`` or ``standard``).
+
+    Returns:
+        An :class:`ImageCondition` (``cond`` and ``uncond`` ``[1,50,768]``, the resized key frame).
     """
-    check_convention(convention)
+    convention = check_convention(convention or model.convention)
     key_u8 = resize_u8(check_image(image), COND_HEIGHT, COND_WIDTH)
-    clip_param = next(clip_vision.parameters())
+    clip_param = next(model.clip.parameters())
     clip_in = torch.cat([clip_pixels(key_u8), clip_pixels(torch.zeros_like(key_u8))])
-    clip_tokens = clip_vision(pixel_values=clip_in.to(clip_param.device, clip_param.dtype)).last_hidden_state
+    clip_tokens = model.clip(pixel_values=clip_in.to(clip_param.device, clip_param.dtype)).last_hidden_state
     key_in, null_in = vae_inputs(key_u8, convention)
-    key_lat = vae_latent(vae, key_in, latent_mode, generator)
-    null_lat = vae_latent(vae, null_in, latent_mode, generator)
-    ad_param = next(adapter.parameters())
-    cond = adapter(clip_tokens[:1].to(ad_param.device, ad_param.dtype), key_lat.to(ad_param.device, ad_param.dtype))
-    uncond = adapter(clip_tokens[1:].to(ad_param.device, ad_param.dtype), null_lat.to(ad_param.device, ad_param.dtype))
+    key_lat = vae_latent(model.vae, key_in, latent_mode, generator)
+    null_lat = vae_latent(model.vae, null_in, latent_mode, generator)
+    ad_param = next(model.adapter.parameters())
+    cond = model.adapter(clip_tokens[:1].to(ad_param.device, ad_param.dtype), key_lat.to(ad_param.device, ad_param.dtype))
+    uncond = model.adapter(clip_tokens[1:].to(ad_param.device, ad_param.dtype),
+                           null_lat.to(ad_param.device, ad_param.dtype))
     return ImageCondition(cond, uncond, key_u8, convention)
+
+
+def check_condition(model, cond) -> ImageCondition:
+    """A condition made by a model of another width or convention would sample garbage: say so now."""
+    if not isinstance(cond, ImageCondition):
+        raise DreamPoseError(f"expected a DreamPose condition from CLIPVAEAdapterEncode, got {type(cond).__name__}")
+    width = model.unet.config.cross_attention_dim
+    if cond.cond.shape[-1] != width:
+        raise DreamPoseError(f"the condition has width {cond.cond.shape[-1]} but this UNet attends to width {width}: "
+                             "encode the key frame with the same DreamPose model")
+    if cond.convention != model.convention:
+        raise DreamPoseError(f"the condition was encoded in the {cond.convention!r} convention but the model runs "
+                             f"{model.convention!r}: encode the key frame with the same model")
+    return cond

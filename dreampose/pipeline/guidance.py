@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models.unet import LATENT_CHANNELS
+from ..settings import LATENT_CHANNELS
 
 
 def dual_cfg(eps_uncond: torch.Tensor, eps_image: torch.Tensor, eps_full: torch.Tensor,
@@ -25,7 +25,7 @@ class DualCFGDenoiser:
 
     ``pose`` is ``[n,10,h,w]`` (already normalised, at latent size); ``cond``/``uncond`` are
     ``[1,T,D]`` or ``[n,T,D]`` adapter outputs. The null pose is zeros after normalisation, as in the
-    official pipeline (quirk #10).
+    official pipeline (docs/official-code.md, quirk #10).
     """
 
     def __init__(self, unet, cond: torch.Tensor, uncond: torch.Tensor, pose: torch.Tensor,

@@ -19,10 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DreamPoseError
-from ..models.unet import POSE_FRAMES
-
-WINDOW_OFFSETS = tuple(range(-(POSE_FRAMES // 2), POSE_FRAMES // 2 + 1))  # (-2, -1, 0, 1, 2)
-LATENT_SCALE = 8
+from ..settings import LATENT_SCALE, POSE_FRAMES, WINDOW_OFFSETS, check_output_size
 _NPY_NAME = re.compile(r"^frame_(\d+)_densepose\.npy$")
 
 
@@ -148,13 +145,6 @@ class PoseWindows:
 
     def to(self, device=None, dtype=None) -> "PoseWindows":
         return PoseWindows(self.uv.to(device=device, dtype=dtype), self.indices, self.height, self.width)
-
-
-def check_output_size(height: int, width: int) -> None:
-    if height <= 0 or width <= 0 or height % 64 or width % 64:
-        raise DreamPoseError(
-            f"output size {width}×{height} (W×H) is not a multiple of 64; pick e.g. 512×640, the size "
-            "DreamPose was trained at")
 
 
 def make_pose_windows(uv: torch.Tensor, height: int = 640, width: int = 512,

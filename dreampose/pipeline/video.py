@@ -13,8 +13,9 @@ import os
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
-from ..files.weights import atomic_output
+from ..files.atomic import atomic_output
 from ..errors import DreamPoseError
 
 FRAME_PATTERN = "frame_{:04d}.png"
@@ -83,8 +84,6 @@ def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreamp
 
 def write_gif(frames, path: str, fps: float = 8.0) -> str:
     """An animated GIF (loops forever; shows inline on GitHub and in most viewers); atomic rename."""
-    from PIL import Image
-
     video = to_uint8(frames)
     with atomic_output(path, ".gif", mode=0o666) as tmp:
         images = [Image.fromarray(f) for f in video]

@@ -8,16 +8,16 @@ neighbouring frames) and the cross-attention states computed from the photo itse
 the VAE and the adapter in the model's conditioning convention. ``finetune_vae_decoder`` then trains
 the decoder alone to reconstruct the photos.
 
-Where this differs from the authors' scripts on purpose (official-code-notes.md §6 and §8):
+Where this differs from the authors' scripts on purpose (docs/official-code.md, §6 and the quirks):
 
 * The loss target is the *augmented* photo and the pose gets the same crop (quirk #19: their target
-  was the un-cropped photo while the pose was cropped). See :mod:`dreampose.augment`.
+  was the un-cropped photo while the pose was cropped). See :mod:`dreampose.training.augment`.
 * CLIP sees the real uint8 photo with CLIPProcessor's arithmetic (quirk #7: their [0,1] tensors
   were rescaled twice and CLIP saw an almost black image).
 * The conditioning image (un-augmented, as at inference) is encoded once: CLIP tokens and the VAE
   latent distribution are computed once per photo, and the VAE latent is re-sampled every step from
   that distribution, as their per-step ``latent_dist.sample()`` did.
-* Targets are in −1..1, the range ``decode_latents`` maps back to 0..1. The authors trained on 0..1
+* Targets are in −1..1, the range decoding (``pipeline.sampling.decode``) maps back to 0..1. The authors trained on 0..1
   photos (the washed-out outputs of their issues #25/#33, hidden by a per-frame stretch); the VAE
   decoder finetune offers their range as ``decoder_range="0_1"`` for parity only.
 * Conditioning dropout, off by default as in their finetune (``dropout_rate=0``), is per sample when
@@ -25,8 +25,8 @@ Where this differs from the authors' scripts on purpose (official-code-notes.md 
   after normalisation, the convention's null image).
 * Every random draw comes from one CPU generator seeded by ``settings.seed`` (LoRA's initial
   factors from the global RNG, forked and seeded with it), so a seed gives the same weights on
-  every run on the same device; the final weights are returned whatever the step count (quirk #21); ``module.`` prefixes
-  never arise (quirk #17).
+  every run on the same device; the final weights are returned whatever the step count (quirk
+  #21); ``module.`` prefixes never arise (quirk #17).
 * Optimizer as theirs (AdamW β 0.9/0.999, ε 1e-8, weight decay 1e-2, constant lr, gradient-norm clip
   1.0), except that the clip covers every trained parameter (theirs: the UNet's only).
 
@@ -45,130 +45,34 @@ and clones what it needs, so calling it from a node is safe.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
 
-from .augment import augment_pair
-from ..files.weights import read_metadata
-from ..pipeline.conditioning import COND_HEIGHT, COND_WIDTH, VAE_SCALE, vae_inputs
-from ..models.adapter import hold_vae_tokens_at_zero
 from ..errors import DreamPoseError
-from ..pipeline.images import check_image, clip_pixels, resize_u8
-from ..pipeline.poses import LATENT_SCALE, check_output_size, check_uv
-from ..loaders.subject_file import (LoraDelta, apply_subject, check_kind, clone_module, describe_base, find_cached_subject,
-                      lora_delta_of, merge_lora, module_place, remember_lora_delta, save_subject, subject_cache_key,
-                      weights_digest, weights_fingerprint)
-from ..models.unet import POSE_FRAMES
-
-__all__ = ["FinetuneSettings", "vae_settings", "finetune_subject", "finetune_vae_decoder", "subject_cache_key",
-           "save_subject", "apply_subject", "find_cached_subject", "lora_delta_of", "subject_loss",
-           "vae_reconstruction_loss", "finetune_to_file", "FinetuneResult", "PRECISIONS", "OPTIMIZERS"]
+from ..files.weights import read_metadata
+from ..loaders.components import clone_module
+from ..loaders.subject_file import apply_subject, describe_base, find_cached_subject, save_subject
+from ..models.adapter import hold_vae_tokens_at_zero
+from ..models.devices import module_place, randn
+from ..models.fingerprint import tensor_bytes, weights_digest, weights_fingerprint
+from ..models.lora import LORA_TARGETS, LoraDelta, merge_lora, remember_lora_delta
+from ..pipeline.poses import check_uv
+from ..settings import VAE_SCALE, FinetuneSettings, check_kind, check_settings, vae_settings
+from .augment import augment_pair
+from .objective import (condition_frame, denoising_loss, dropout_flags, frozen_condition, latent_distribution,
+                        noise_scheduler, noisy_and_target, null_condition, pose_channels, resize)
 
 ALGORITHM_VERSION = "1"   # part of every cache key: bump whenever the training arithmetic changes
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "adamw8bit")
-DECODER_RANGES = ("minus1_1", "0_1")
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # the attention projections of every transformer block
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# settings that cannot change the result (gradient checkpointing recomputes the same forward)
-_NOT_IN_CACHE_KEY = ("gradient_checkpointing",)
 
 Callback = Callable[[int, int, float], None]
-
-
-@dataclass
-class FinetuneSettings:
-    """How to finetune. The first block is the API contract (defaults: the paper's/authors' subject
-    finetune); the second block are optional refinements with the authors' values as defaults."""
-
-    steps: int = 500
-    lr: float = 1e-5
-    batch_size: int = 1
-    seed: int = 0
-    crop: bool = True            # random crop+resize, photo and pose with the same box
-    flip: bool = False           # random horizontal flip, photo and pose together
-    gradient_checkpointing: bool = False
-    precision: str = "fp32"      # fp32 | bf16 | fp16 (autocast over fp32 master weights; fp16 with GradScaler)
-    optimizer: str = "adamw"     # adamw | adamw8bit (bitsandbytes)
-    lora_rank: int = 0           # 0: full UNet+adapter finetune; >0: LoRA on the UNet attention, adapter full
-
-    height: int = 640            # training size of the target (a multiple of 64); conditioning is always 640x512
-    width: int = 512
-    crop_prob: float = 0.7       # share of samples cropped (authors: 70 % UNet, 100 % VAE)
-    crop_min_scale: float = 0.96  # smallest kept side fraction (authors: 615/640 UNet, 589/640 VAE)
-    dropout: float = 0.0         # per-sample conditioning dropout, split pose / image / both (stage 1: 0.15)
-    lora_alpha: float = 0.0      # 0: = lora_rank (scale 1)
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0   # 0: no clipping
-    decoder_range: str = "minus1_1"  # VAE decoder target range; "0_1" = the authors' (washed-out) targets
-    clip_only: bool = False      # keep the adapter's VAE-token weights frozen (the paper's CLIP-only ablation)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def cache_fields(self) -> dict:
-        fields = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_CACHE_KEY}
-        if not self.clip_only:   # added later: leave the keys of subjects saved before it unchanged
-            del fields["clip_only"]
-        return fields
-
-    @property
-    def effective_lora_alpha(self) -> float:
-        return float(self.lora_alpha or self.lora_rank)
-
-
-def vae_settings(**kw) -> FinetuneSettings:
-    """Settings for the VAE decoder finetune: the authors' 1500 steps at lr 5e-5, every sample cropped
-    up to 589/640 of the side. (Theirs were 1500 micro-batches of one photo accumulated 4 at a time;
-    here 1500 optimizer steps of ``batch_size`` samples.)"""
-    return FinetuneSettings(**{"steps": 1500, "lr": 5e-5, "crop_prob": 1.0, "crop_min_scale": 589 / 640, **kw})
-
-
-def check_settings(settings: FinetuneSettings | None, kind: str = "subject") -> FinetuneSettings:
-    """Validate (and default) settings; a DreamPoseError naming the bad field."""
-    check_kind(kind)
-    if settings is None:
-        settings = FinetuneSettings() if kind == "subject" else vae_settings()
-    if not isinstance(settings, FinetuneSettings):
-        raise DreamPoseError(f"settings must be a FinetuneSettings, got {type(settings).__name__}")
-    s = settings
-    problems = []
-    if not isinstance(s.steps, int) or s.steps < 1:
-        problems.append(f"steps must be a whole number ≥ 1 (got {s.steps!r})")
-    if not (s.lr > 0 and s.lr < float("inf")):
-        problems.append(f"lr must be a positive number (got {s.lr!r})")
-    if not isinstance(s.batch_size, int) or s.batch_size < 1:
-        problems.append(f"batch_size must be ≥ 1 (got {s.batch_size!r})")
-    if s.precision not in PRECISIONS:
-        problems.append(f"precision must be one of {PRECISIONS} (got {s.precision!r})")
-    if s.optimizer not in OPTIMIZERS:
-        problems.append(f"optimizer must be one of {OPTIMIZERS} (got {s.optimizer!r})")
-    if not isinstance(s.lora_rank, int) or s.lora_rank < 0:
-        problems.append(f"lora_rank must be 0 (full finetune) or a positive rank (got {s.lora_rank!r})")
-    elif s.lora_rank and kind == "vae":
-        problems.append("the VAE decoder finetune is always full: lora_rank must be 0")
-    if s.lora_alpha < 0:
-        problems.append(f"lora_alpha must be ≥ 0 (got {s.lora_alpha!r})")
-    if not 0 <= s.crop_prob <= 1:
-        problems.append(f"crop_prob must be in 0..1 (got {s.crop_prob!r})")
-    if not 0 < s.crop_min_scale <= 1:
-        problems.append(f"crop_min_scale must be in (0, 1] (got {s.crop_min_scale!r})")
-    if not 0 <= s.dropout < 1:
-        problems.append(f"dropout must be in [0, 1) (got {s.dropout!r})")
-    if s.weight_decay < 0 or s.max_grad_norm < 0:
-        problems.append("weight_decay and max_grad_norm must be ≥ 0")
-    if s.decoder_range not in DECODER_RANGES:
-        problems.append(f"decoder_range must be one of {DECODER_RANGES} (got {s.decoder_range!r})")
-    if problems:
-        raise DreamPoseError("finetune settings: " + "; ".join(problems))
-    check_output_size(s.height, s.width)
-    return s
 
 
 def _require_optimizer(settings: FinetuneSettings):
@@ -183,7 +87,7 @@ def _require_optimizer(settings: FinetuneSettings):
     return bnb.optim.AdamW8bit
 
 
-def _require_peft():
+def require_peft():
     try:
         import peft
     except ImportError as exc:
@@ -237,11 +141,37 @@ def _pose_list(uv, count: int) -> list[torch.Tensor]:
     return items
 
 
-def _resize(x: torch.Tensor, height: int, width: int, antialias: bool) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == (height, width):
-        return x
-    return F.interpolate(x.unsqueeze(0), (height, width), mode="bilinear", align_corners=False,
-                         antialias=antialias)[0]
+def subject_cache_key(model, images, uv, settings, kind: str) -> str:
+    """sha256 of photos, poses, the weights the finetune starts from and uses, convention, schedule,
+    settings (all but ``gradient_checkpointing``, which recomputes the same numbers) and the
+    algorithm version: a saved finetune with this key is this very finetune.
+
+    ``kind``: ``subject`` (UNet+adapter: hashes UNet, adapter, VAE and CLIP, all of which take part)
+    or ``vae`` (decoder: hashes the VAE only; ``uv`` is ignored).
+    """
+    check_kind(kind)
+    settings = check_settings(settings, kind)
+    h = hashlib.sha256()
+    header = {"algorithm": ALGORITHM_VERSION, "kind": kind, "settings": settings.cache_fields()}
+    if kind == "subject":
+        header.update(convention=model.convention, scheduler=dict(model.scheduler_config))
+    h.update(json.dumps(header, sort_keys=True, default=str).encode())
+    if kind == "subject":
+        h.update(weights_digest(model.unet, model.adapter, model.vae, model.clip).encode())
+    else:
+        h.update(weights_digest(model.vae).encode())
+    with torch.inference_mode(False):
+        # canonical form (one float32 0..1 tensor per photo, one float32 UV map per pose), so a batch
+        # tensor and a list of the same photos (a node and the command line) give the same key
+        photos = _image_list(images)
+        for t in photos:
+            h.update(f"image{tuple(t.shape)}|".encode() + tensor_bytes(t))
+        if kind == "subject":
+            if uv is None:
+                raise DreamPoseError("a subject finetune's cache key needs the poses")
+            for t in _pose_list(uv, len(photos)):
+                h.update(f"pose{tuple(t.shape)}|".encode() + tensor_bytes(t))
+    return h.hexdigest()
 
 
 def _training_device(model_module, device) -> torch.device:
@@ -262,19 +192,6 @@ def _autocast(device: torch.device, precision: str):
         return torch.autocast(device.type, dtype=_AUTOCAST[precision])
     except RuntimeError as exc:
         raise DreamPoseError(f"precision {precision!r} is not supported on {device} ({exc}); use fp32") from exc
-
-
-def _randn(shape, generator, device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-
-
-@torch.no_grad()
-def _latent_dist(vae, pixels: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std (fp32, on ``device``) of the VAE posterior of pixels already in its input range;
-    the VAE runs where it is, in its own dtype."""
-    vae_device, vae_dtype = module_place(vae)
-    dist = vae.encode(pixels.to(vae_device, vae_dtype)).latent_dist
-    return dist.mean.float().to(device), dist.std.float().to(device)
 
 
 class _Batches:
@@ -310,24 +227,13 @@ def _prepare_subject(model, images: list[torch.Tensor], poses: list[torch.Tensor
                      device: torch.device) -> _SubjectData:
     """Resize photos/poses to the training size; encode every photo's condition once (frozen CLIP, VAE)."""
     h, w = settings.height, settings.width
-    targets = [_resize(img, h, w, antialias=True) for img in images]
-    pose_maps = [_resize(p, h, w, antialias=False) for p in poses]   # bilinear like make_pose_windows
-    clip_device, clip_dtype = module_place(model.clip)
-    clip_tokens, means, stds = [], [], []
-    null_in = None
-    with torch.no_grad():
-        for img in images:
-            key_u8 = resize_u8(check_image(img), COND_HEIGHT, COND_WIDTH)
-            pixels = clip_pixels(key_u8).to(clip_device, clip_dtype)
-            clip_tokens.append(model.clip(pixel_values=pixels).last_hidden_state.float().to(device))
-            key_in, null_in = vae_inputs(key_u8, model.convention)
-            mean, std = _latent_dist(model.vae, key_in, device)
-            means.append(mean)
-            stds.append(std)
-        black = clip_pixels(torch.zeros(1, 3, COND_HEIGHT, COND_WIDTH, dtype=torch.uint8)).to(clip_device, clip_dtype)
-        null_clip = model.clip(pixel_values=black).last_hidden_state.float().to(device)
-        null_mean, null_std = _latent_dist(model.vae, null_in, device)
-    return _SubjectData(targets, pose_maps, torch.cat(clip_tokens), torch.cat(means), torch.cat(stds),
+    targets = [resize(img, h, w, antialias=True) for img in images]
+    pose_maps = [resize(p, h, w, antialias=False) for p in poses]   # bilinear like make_pose_windows
+    encoded = [frozen_condition(model.clip, model.vae, condition_frame(img), model.convention, device)
+               for img in images]
+    null_clip, null_mean, null_std = null_condition(model.clip, model.vae, model.convention, device)
+    tokens, means, stds = zip(*encoded)
+    return _SubjectData(targets, pose_maps, torch.cat(tokens), torch.cat(means), torch.cat(stds),
                         null_clip, null_mean, null_std)
 
 
@@ -338,13 +244,6 @@ class _SubjectBatch:
     indices: list[int]
     drop_image: torch.Tensor  # [B] bool
     drop_pose: torch.Tensor   # [B] bool
-
-
-def _pose_channels(pose_uv: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Raw UV ``[B,2,H,W]`` → the UNet's 10 pose channels at latent size, exactly as the sampler builds
-    them: (x−0.5)/0.5, nearest to latent size, the same pose in all five window slots."""
-    lat = F.interpolate((pose_uv - 0.5) / 0.5, (height // LATENT_SCALE, width // LATENT_SCALE), mode="nearest")
-    return lat.repeat(1, POSE_FRAMES, 1, 1)
 
 
 def _subject_batch(data: _SubjectData, indices: list[int], settings: FinetuneSettings, generator,
@@ -361,44 +260,35 @@ def _subject_batch(data: _SubjectData, indices: list[int], settings: FinetuneSet
             img, pose, u = data.targets[i], data.poses[i], 1.0
         imgs.append(img)
         poses.append(pose)
-        # per sample (quirk #20): [0, r/3) pose only, [r/3, 2r/3) image only, [2r/3, r) both
-        drop_p.append(u < r / 3 or r * 2 / 3 <= u < r)
-        drop_i.append(r / 3 <= u < r)
+        drop_image, drop_pose = dropout_flags(u, r)
+        drop_i.append(drop_image)
+        drop_p.append(drop_pose)
     target = torch.stack(imgs) * 2 - 1
-    pose = _pose_channels(torch.stack(poses), settings.height, settings.width)
+    pose = pose_channels(torch.stack(poses), settings.height, settings.width)
     return _SubjectBatch(target, pose, list(indices), torch.tensor(drop_i), torch.tensor(drop_p))
 
 
-def _noise_scheduler(model) -> DDPMScheduler:
-    config = {k: v for k, v in dict(model.scheduler_config).items() if not k.startswith("_")}
-    return DDPMScheduler.from_config(config)
-
-
-def _subject_loss(unet, adapter, vae, data: _SubjectData, batch: _SubjectBatch, scheduler: DDPMScheduler,
+def _subject_loss(unet, adapter, vae, data: _SubjectData, batch: _SubjectBatch, scheduler,
                   generator, device, precision: str, timesteps: torch.Tensor | None = None) -> torch.Tensor:
     """ε-MSE for one batch; the draws (target sample, conditioning sample, t, ε) come from ``generator``."""
     n = len(batch.indices)
     idx = torch.tensor(batch.indices, device=device)
-    t_mean, t_std = _latent_dist(vae, batch.target, device)
-    z0 = (t_mean + t_std * _randn(t_mean.shape, generator, device)) * VAE_SCALE
+    t_mean, t_std = latent_distribution(vae, batch.target, device)
+    z0 = (t_mean + t_std * randn(t_mean.shape, generator, device)) * VAE_SCALE
     c_mean, c_std = data.cond_mean[idx], data.cond_std[idx]
-    cond_lat = (c_mean + c_std * _randn(c_mean.shape, generator, device)) * VAE_SCALE
+    cond_lat = (c_mean + c_std * randn(c_mean.shape, generator, device)) * VAE_SCALE
     drop_image = batch.drop_image.to(device)
     pose = batch.pose.to(device)
     if batch.drop_pose.any():
         pose = torch.where(batch.drop_pose.to(device).view(-1, 1, 1, 1), torch.zeros_like(pose), pose)
     null_lat = None
     if drop_image.any():
-        null_lat = (data.null_mean + data.null_std * _randn(data.null_mean.shape, generator, device)) * VAE_SCALE
+        null_lat = (data.null_mean + data.null_std * randn(data.null_mean.shape, generator, device)) * VAE_SCALE
     t = timesteps if timesteps is not None else torch.randint(0, scheduler.config.num_train_timesteps, (n,),
                                                                 generator=generator)
     t = t.to(device)
-    noise = _randn(z0.shape, generator, device)
-    noisy = scheduler.add_noise(z0, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(z0, noise, t)
-    else:
-        target = noise
+    noise = randn(z0.shape, generator, device)
+    noisy, target = noisy_and_target(scheduler, z0, noise, t)
     with _autocast(device, precision):
         hidden = adapter(data.clip[idx], cond_lat)
         if null_lat is not None:
@@ -406,7 +296,7 @@ def _subject_loss(unet, adapter, vae, data: _SubjectData, batch: _SubjectBatch, 
             null_hidden = adapter(data.null_clip, null_lat)
             hidden = torch.where(drop_image.view(-1, 1, 1), null_hidden.expand_as(hidden), hidden)
         pred = unet(torch.cat([noisy, pose], dim=1), t, encoder_hidden_states=hidden).sample
-    return F.mse_loss(pred.float(), target.float())
+    return denoising_loss(pred, target)
 
 
 # --------------------------------------------------------------------------------------------- training loop
@@ -436,7 +326,7 @@ def _optimise(params: list[torch.nn.Parameter], settings: FinetuneSettings, devi
 
 def _inject_lora(unet, settings: FinetuneSettings) -> list[torch.nn.Parameter]:
     """peft LoRA layers on every attention projection (seeded init: A Kaiming, B zero → no change at start)."""
-    peft = _require_peft()
+    peft = require_peft()
     config = peft.LoraConfig(r=settings.lora_rank, lora_alpha=settings.effective_lora_alpha,
                              target_modules=list(LORA_TARGETS), lora_dropout=0.0, init_lora_weights=True)
     with torch.random.fork_rng(devices=[]):
@@ -474,7 +364,7 @@ def finetune_subject(model, images, uv, settings: FinetuneSettings | None = None
     settings = check_settings(settings, "subject")
     _require_optimizer(settings)
     if settings.lora_rank:
-        _require_peft()
+        require_peft()
     with _training_mode():
         photos = _image_list(images)
         poses = _pose_list(uv, len(photos))
@@ -496,7 +386,7 @@ def finetune_subject(model, images, uv, settings: FinetuneSettings | None = None
             hold_vae_tokens_at_zero(adapter)
         if settings.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        scheduler = _noise_scheduler(model)
+        scheduler = noise_scheduler(model)
         batches = _Batches(len(photos), generator)
 
         def step_loss():
@@ -550,7 +440,7 @@ def _vae_loss(vae, x: torch.Tensor, generator, device, precision: str) -> torch.
         with torch.no_grad():   # encoder and quant_conv are frozen
             dist = vae.encode(x).latent_dist
             mean, std = dist.mean.float(), dist.std.float()
-        z = mean + std * _randn(mean.shape, generator, device)
+        z = mean + std * randn(mean.shape, generator, device)
         recon = vae.decode(z).sample
     return F.mse_loss(recon.float().clamp(-1, 1), x.float().clamp(-1, 1))
 
@@ -571,7 +461,7 @@ def finetune_vae_decoder(model, images, settings: FinetuneSettings | None = None
         device = _training_device(model.vae, device)
         out_device, out_dtype = module_place(model.vae)
         generator = torch.Generator().manual_seed(settings.seed)
-        targets = [_resize(img, settings.height, settings.width, antialias=True) for img in photos]
+        targets = [resize(img, settings.height, settings.width, antialias=True) for img in photos]
         vae = clone_module(model.vae, device, torch.float32).train()
         vae.decoder.requires_grad_(True)
         params = list(vae.decoder.parameters())
@@ -607,7 +497,7 @@ def subject_loss(model, images, uv, settings: FinetuneSettings | None = None, *,
         device = _training_device(model.unet, device)
         data = _prepare_subject(model, photos, poses, settings, device)
         generator = torch.Generator().manual_seed(seed)
-        scheduler = _noise_scheduler(model)
+        scheduler = noise_scheduler(model)
         losses = []
         for i in range(len(photos)):
             batch = _subject_batch(data, [i], settings, generator, augment=False)
@@ -624,13 +514,13 @@ def vae_reconstruction_loss(model, images, settings: FinetuneSettings | None = N
     with torch.inference_mode(False), torch.no_grad():
         photos = _image_list(images)
         device = _training_device(model.vae, device)
-        targets = [_resize(img, settings.height, settings.width, antialias=True) for img in photos]
+        targets = [resize(img, settings.height, settings.width, antialias=True) for img in photos]
         generator = torch.Generator().manual_seed(seed)
         x = _vae_batch(targets, list(range(len(targets))), settings, generator, augment=False)
         vae = model.vae
         vae_device, vae_dtype = module_place(vae)
         dist = vae.encode(x.to(vae_device, vae_dtype)).latent_dist
-        z = dist.mean.float() + dist.std.float() * _randn(dist.mean.shape, generator, vae_device)
+        z = dist.mean.float() + dist.std.float() * randn(dist.mean.shape, generator, vae_device)
         recon = vae.decode(z.to(vae_dtype)).sample.float()
         return float(F.mse_loss(recon.clamp(-1, 1), x.to(vae_device).clamp(-1, 1)))
 
@@ -648,33 +538,42 @@ class FinetuneResult:
 
 
 def finetune_to_file(kind: str, model, images, uv, settings: FinetuneSettings | None, path: str, *,
-                     force: bool = False, device=None, callback: Callback | None = None,
-                     base: str | None = None, search_folder: str | None = None) -> FinetuneResult:
-    """Cache lookup → finetune → atomic save, the way the command line (and a node) runs it.
+                     force: bool = False, device=None, callback: Callback | None = None, base: str | None = None,
+                     search_folders: Sequence[str] = (), borrow=None) -> FinetuneResult:
+    """Cache lookup → finetune → atomic save: how the command line and the finetune nodes run it.
 
-    Reuses ``path`` when its metadata holds the same cache key (or another file in ``search_folder``
-    does), unless ``force``. A cancelled run (``callback`` raising) leaves no file behind.
+    Args:
+        kind: ``subject`` (UNet + adapter; ``uv`` one DensePose frame per photo) or ``vae`` (decoder).
+        path: where to save; reused when its metadata holds the same cache key, unless ``force``.
+        search_folders: further folders whose files are reused when one holds the same cache key.
+        device: where to train (default: where the networks are).
+        borrow: instead of ``device``, a callable returning a context manager that yields the training
+            device for the training only (ComfyUI lends its device and loads the frozen networks there).
+        callback: ``callback(step, total, loss)`` after every step; raising from it cancels the run and
+            no file is written.
+        base: the base model's name recorded in the file (default: named from the model's files).
+
+    Returns:
+        A :class:`FinetuneResult`: the finetuned (or reloaded) model, the file, whether it was cached.
     """
     check_kind(kind)
     settings = check_settings(settings, kind)
     t0 = time.perf_counter()
     key = subject_cache_key(model, images, uv if kind == "subject" else None, settings, kind)
     if not force:
-        hit = None
-        if os.path.isfile(path) and _cache_key_of(path) == key:
-            hit = path
-        elif search_folder:
-            hit = find_cached_subject(search_folder, key)
+        hit = path if os.path.isfile(path) and _cache_key_of(path) == key else None
+        for folder in search_folders:
+            hit = hit or find_cached_subject(folder, key)
         if hit:
             return FinetuneResult(apply_subject(model, hit), hit, True, 0, key, time.perf_counter() - t0)
-    if kind == "subject":
-        new = finetune_subject(model, images, uv, settings, device=device, callback=callback)
-    else:
-        new = finetune_vae_decoder(model, images, settings, device=device, callback=callback)
+    with (borrow() if borrow is not None else contextlib.nullcontext(device)) as train_device:
+        if kind == "subject":
+            new = finetune_subject(model, images, uv, settings, device=train_device, callback=callback)
+        else:
+            new = finetune_vae_decoder(model, images, settings, device=train_device, callback=callback)
     saved = save_subject(new, path, kind=kind, settings=settings, cache_key=key, base=base or describe_base(model),
                          lora=bool(settings.lora_rank))
     return FinetuneResult(new, saved, False, settings.steps, key, time.perf_counter() - t0)
-
 
 
 def _cache_key_of(path: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Stage-1 training (paper §4; official-code-notes.md §5): UNet + adapter on prepared videos.
+"""Stage-1 training (paper §4; docs/official-code.md §5): UNet + adapter on prepared videos.
 
 From Stable Diffusion 1.x and CLIP ViT-B/32 (a fresh DreamPose: conv_in widened with zero pose
 weights, an adapter whose VAE path starts at zero) or from one of our bundles, the UNet and the
@@ -43,54 +43,43 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..models.adapter import hold_vae_tokens_at_zero
-from ..files.weights import atomic_output
-from ..pipeline.conditioning import COND_HEIGHT, COND_WIDTH, VAE_SCALE, vae_inputs
 from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose
 from ..errors import DreamPoseError
-from .finetune import _latent_dist, _noise_scheduler, _resize
-from ..pipeline.images import check_image, clip_pixels, resize_u8
-from ..pipeline.poses import (
-    LATENT_SCALE,
-    WINDOW_OFFSETS,
-    check_output_size,
-    make_pose_windows,
-    window_indices,
-)
-from ..models.unet import POSE_FRAMES
+from ..files.atomic import write_json_atomic, write_text_atomic
+from ..files.paths import missing_flags
+from ..loaders.load import bundle_has_clip, load_dreampose
+from ..models.adapter import hold_vae_tokens_at_zero
+from ..models.bundle import save_bundle
+from ..models.fingerprint import weights_digest
+from ..pipeline.poses import make_pose_windows, window_indices
+from ..settings import (COND_HEIGHT, COND_WIDTH, LATENT_CHANNELS, LATENT_SCALE, POSE_CHANNELS, VAE_SCALE,
+                        TrainConfig, check_output_size)
+from .objective import (condition_frame, denoising_loss, dropout_flags, frozen_condition, latent_distribution,
+                        noise_scheduler, noisy_and_target, null_condition, resize)
 
 __all__ = [
-    "CONDITIONINGS",
-    "MIXED_PRECISIONS",
-    "POSE_WINDOWS",
     "RESUME_KEYS",
     "Draws",
     "DreamPoseTrainable",
     "FrameIndex",
     "TrainBatch",
-    "TrainConfig",
     "TrainData",
     "TrainResult",
     "batch_loss",
     "check_config",
     "draw_micro_batch",
     "draw_samples",
-    "dropout_flags",
     "find_checkpoint",
     "grad_accumulation",
     "load_training_model",
     "train",
 ]
 
-CONDITIONINGS = ("clip-vae", "clip")
-POSE_WINDOWS = (5, 1)
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "train_state.json"
 LOG_NAME = "train_log.jsonl"
@@ -101,52 +90,9 @@ RESUME_KEYS = ("dataset", "videos", "frames", "batch_size", "seed", "height", "w
                "conditioning", "dropout", "frozen_weights")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-step_"
-_COND_LATENT = (4, COND_HEIGHT // LATENT_SCALE, COND_WIDTH // LATENT_SCALE)
+_COND_LATENT = (LATENT_CHANNELS, COND_HEIGHT // LATENT_SCALE, COND_WIDTH // LATENT_SCALE)
 
 Log = Callable[[str], None]
-
-
-@dataclass
-class TrainConfig:
-    """One stage-1 run. ``data``: roots of prepared videos; weights: ``base`` (SD 1.x) or ``init``
-    (our bundle) plus ``clip`` (and optionally ``vae``)."""
-
-    data: list[str]
-    out: str
-    clip: str | None = None
-    base: str | None = None
-    vae: str | None = None
-    init: str | None = None
-    steps: int = 10000
-    batch_size: int = 16          # effective: micro_batch × accumulation × processes
-    micro_batch: int = 2
-    lr: float = 5e-6
-    seed: int = 0
-    height: int = 640
-    width: int = 512
-    pose_window: int = 5          # 5: poses j−2..j+2; 1: pose j in all five slots (the paper's ablation)
-    conditioning: str = "clip-vae"  # "clip": the paper's CLIP-only ablation (VAE path held at zero)
-    dropout: float = 0.15         # per-sample conditioning dropout, split pose / image / both
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    cache_conditioning: bool = False
-    save_every: int = 500
-    keep: int = 2
-    log_every: int = 10
-    resume: str | None = None     # "latest" or a checkpoint folder
-    include_vae: bool = False
-    cpu: bool = False
-    workers: int = 2              # threads reading frames ahead (0: read in the training loop)
-    debug_dir: str | None = None  # per-rank jsonl: samples, loss and a parameter digest per step
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        return WINDOW_OFFSETS if self.pose_window == 5 else (0,) * POSE_FRAMES
 
 
 @dataclass
@@ -178,52 +124,17 @@ def grad_accumulation(batch_size: int, micro_batch: int, world_size: int) -> int
 def check_config(config: TrainConfig) -> TrainConfig:
     """Every option checked before any weights are read; one DreamPoseError listing every problem."""
     c = config
-    problems = []
-    if not c.data:
-        problems.append("no --data folder given")
-    if not c.out:
-        problems.append("no --out folder given")
-    elif os.path.exists(c.out) and not os.path.isdir(c.out):
-        problems.append(f"--out {c.out} is a file; give a folder")
-    if not c.clip and not _bundle_has_clip(c.init):
+    problems = c.problems()
+    if not c.clip and not (c.init and os.path.isfile(c.init) and bundle_has_clip(c.init)):
         problems.append("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)")
     if not c.base and not c.init:
         problems.append("give --base (Stable Diffusion 1.x, to start a fresh DreamPose) or --init (a DreamPose "
                         ".safetensors to continue from)")
-    for flag, path in (("clip", c.clip), ("base", c.base), ("vae", c.vae), ("init", c.init)):
-        if path and not os.path.exists(path):
-            problems.append(f"--{flag}: not found: {path}")
-    for name in ("steps", "batch_size", "micro_batch", "save_every", "keep", "log_every"):
-        value = getattr(c, name)
-        if not isinstance(value, int) or value < 1:
-            problems.append(f"{name} must be a whole number ≥ 1 (got {value!r})")
-    if not isinstance(c.workers, int) or c.workers < 0:
-        problems.append(f"workers must be ≥ 0 (got {c.workers!r})")
-    if not (c.lr > 0 and math.isfinite(c.lr)):
-        problems.append(f"lr must be a positive number (got {c.lr!r})")
-    if c.pose_window not in POSE_WINDOWS:
-        problems.append(f"pose_window must be 5 (poses j−2..j+2) or 1 (pose j only), got {c.pose_window!r}")
-    if c.conditioning not in CONDITIONINGS:
-        problems.append(f"conditioning must be one of {CONDITIONINGS}, got {c.conditioning!r}")
-    if not 0 <= c.dropout < 1:
-        problems.append(f"dropout must be in [0, 1) (got {c.dropout!r})")
-    if c.mixed_precision not in MIXED_PRECISIONS:
-        problems.append(f"mixed_precision must be one of {MIXED_PRECISIONS} (got {c.mixed_precision!r})")
-    if c.weight_decay < 0 or c.max_grad_norm < 0:
-        problems.append("weight_decay and max_grad_norm must be ≥ 0")
-    if c.height <= 0 or c.width <= 0 or c.height % 64 or c.width % 64:
-        problems.append(f"--width {c.width} --height {c.height}: both must be positive multiples of 64 "
-                        "(DreamPose trained at 512×640)")
+    problems += missing_flags(clip=c.clip, base=c.base, vae=c.vae, init=c.init)
     if problems:
         raise DreamPoseError("train: " + "; ".join(problems))
     check_output_size(c.height, c.width)
     return c
-
-
-def _bundle_has_clip(path: str | None) -> bool:
-    from ..loaders.load import bundle_has_clip
-
-    return bool(path) and os.path.isfile(path) and bundle_has_clip(path)
 
 
 def dataset_fingerprint(videos: list[VideoFolder]) -> str:
@@ -240,8 +151,6 @@ def load_training_model(config: TrainConfig, log: Log | None = None):
 
     All weight loading lives here: UNet and adapter become fp32 masters, VAE and CLIP stay frozen.
     """
-    from ..loaders.load import load_dreampose
-
     model = load_dreampose(clip=config.clip, dreampose=config.init, base=config.base, vae=config.vae,
                            convention=CONVENTION if not config.init else None)
     if model.convention != CONVENTION and log is not None:
@@ -290,14 +199,6 @@ def _seed_of(*key: int) -> int:
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The CPU generator of one micro-batch of one rank (``step`` counts completed optimizer steps)."""
     return torch.Generator().manual_seed(_seed_of(seed, step, micro, rank))
-
-
-def dropout_flags(u: float, rate: float) -> tuple[bool, bool]:
-    """(drop image, drop pose) for a uniform draw ``u``: [0, r/3) pose only, [r/3, 2r/3) image only,
-    [2r/3, r) both: the rule of ``finetune.py``."""
-    drop_pose = u < rate / 3 or rate * 2 / 3 <= u < rate
-    drop_image = rate / 3 <= u < rate
-    return drop_image, drop_pose
 
 
 @dataclass
@@ -388,14 +289,12 @@ class TrainData:
         self._targets: dict = {}   # (v, j) → (mean, std) [4,h,w]
         self._conds: dict = {}     # (v, i) → (clip [T,D], mean [4,80,64], std)
         self._poses: dict = {}     # (v, k) → [2,h,w]
-        with torch.no_grad():
-            black = torch.zeros(1, 3, COND_HEIGHT, COND_WIDTH, dtype=torch.uint8)
-            self.null_clip = self._clip_tokens(black)
-            if self.use_vae_condition:
-                self.null_mean, self.null_std = [t[0] for t in _latent_dist(vae, vae_inputs(black, CONVENTION)[1],
-                                                                             "cpu")]
-            else:
-                self.null_mean = self.null_std = torch.zeros(_COND_LATENT)
+        tokens, mean, std = null_condition(clip, vae, CONVENTION, "cpu", use_vae=self.use_vae_condition)
+        self.null_clip = tokens[0]
+        if self.use_vae_condition:
+            self.null_mean, self.null_std = mean[0], std[0]
+        else:
+            self.null_mean = self.null_std = torch.zeros(_COND_LATENT)
 
     # ---- reading (thread-safe: pure functions of the draws and the files)
     def _window(self, v: int, j: int) -> list[int]:
@@ -408,23 +307,19 @@ class TrainData:
             video = self.videos[v]
             if (v, j) not in self._targets and (v, j) not in files.targets:
                 x = load_frame(video.frames[j]).float() / 255
-                files.targets[(v, j)] = (_resize(x, c.height, c.width, antialias=True) * 2 - 1).unsqueeze(0)
+                files.targets[(v, j)] = (resize(x, c.height, c.width, antialias=True) * 2 - 1).unsqueeze(0)
             if not draws.drop_image[b] and (v, i) not in self._conds and (v, i) not in files.conds:
-                files.conds[(v, i)] = resize_u8(check_image(load_frame(video.frames[i])), COND_HEIGHT, COND_WIDTH)
+                files.conds[(v, i)] = condition_frame(load_frame(video.frames[i]))
             for k in ([] if draws.drop_pose[b] else self._window(v, j)):
                 if (v, k) not in self._poses and (v, k) not in files.poses:
                     files.poses[(v, k)] = make_pose_windows(load_pose(video.poses[k]), c.height, c.width).uv[0]
         return files
 
     # ---- frozen encoders (one frame at a time)
-    def _clip_tokens(self, key_u8: torch.Tensor) -> torch.Tensor:
-        p = next(self.clip.parameters())
-        return self.clip(pixel_values=clip_pixels(key_u8).to(p.device, p.dtype)).last_hidden_state[0].float().cpu()
-
     def _target_dist(self, key, files: _Files):
         if key in self._targets:
             return self._targets[key]
-        mean, std = _latent_dist(self.vae, files.targets[key], "cpu")
+        mean, std = latent_distribution(self.vae, files.targets[key], "cpu")
         out = (mean[0], std[0])
         if self.cache:
             self._targets[key] = out
@@ -433,14 +328,13 @@ class TrainData:
     def _cond_encoding(self, key, files: _Files):
         if key in self._conds:
             return self._conds[key]
-        u8 = files.conds[key]
-        tokens = self._clip_tokens(u8)
+        tokens, mean, std = frozen_condition(self.clip, self.vae, files.conds[key], CONVENTION, "cpu",
+                                             use_vae=self.use_vae_condition)
         if self.use_vae_condition:
-            mean, std = _latent_dist(self.vae, vae_inputs(u8, CONVENTION)[0], "cpu")
             mean, std = mean[0], std[0]
         else:   # the VAE path is held at zero: nothing of the condition latent can reach the UNet
             mean = std = torch.zeros(_COND_LATENT)
-        out = (tokens, mean, std)
+        out = (tokens[0], mean, std)
         if self.cache:
             self._conds[key] = out
         return out
@@ -473,7 +367,7 @@ class TrainData:
                 tokens.append(c_tokens)
                 cond.append((c_mean + c_std * draws.cond_noise[b]) * VAE_SCALE)
             if draws.drop_pose[b]:   # the sampler's null pose: zeros after normalisation
-                pose.append(torch.zeros(2 * POSE_FRAMES, *draws.noise.shape[-2:]))
+                pose.append(torch.zeros(POSE_CHANNELS, *draws.noise.shape[-2:]))
             else:
                 pose.append(self.pose_channels(v, j, files))
         dev = self.device
@@ -499,13 +393,9 @@ class DreamPoseTrainable(nn.Module):
 
 def batch_loss(model: nn.Module, batch: TrainBatch, scheduler) -> torch.Tensor:
     """ε-MSE (v-MSE for v-prediction) of one batch, mean over all elements, in fp32."""
-    noisy = scheduler.add_noise(batch.z0, batch.noise, batch.timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(batch.z0, batch.noise, batch.timesteps)
-    else:
-        target = batch.noise
+    noisy, target = noisy_and_target(scheduler, batch.z0, batch.noise, batch.timesteps)
     pred = model(noisy, batch.pose, batch.timesteps, batch.clip_tokens, batch.cond_latent)
-    return F.mse_loss(pred.float(), target.float())
+    return denoising_loss(pred, target)
 
 
 def _rezero_vae_tokens(adapter) -> None:
@@ -567,11 +457,6 @@ def _compare_resume(saved: dict, current: dict, path: str, keys=RESUME_KEYS) -> 
         lines = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differ)
         raise DreamPoseError(f"cannot resume from {path}: this run differs in {', '.join(differ)} ({lines}). "
                              "Resume with the checkpoint's settings, or start a new run in another --out folder")
-
-
-def _write_json_atomic(path: str, data) -> None:
-    with atomic_output(path, ".json", mode=0o666) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -637,14 +522,18 @@ def _trim_log(path: str, step: int) -> None:
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with atomic_output(path, ".jsonl", mode=0o666) as tmp, open(tmp, "w") as f:
-        f.writelines(lines)
+    write_text_atomic(path, "".join(lines))
 
 
-def train(config: TrainConfig, *, log: Log | None = None, progress: bool = True) -> TrainResult:
+def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Callable[[dict, int], None] = True
+          ) -> TrainResult:
     """Run (or continue) stage-1 training; see the module docstring. Saves under ``config.out``:
     ``checkpoints/step_N/`` (the last ``keep``), ``dreampose_step_N.safetensors`` at every save,
-    ``dreampose.safetensors`` at the end, ``train_log.jsonl``."""
+    ``dreampose.safetensors`` at the end, ``train_log.jsonl``.
+
+    ``progress``: True logs a line per logged step through ``log``; a callable ``progress(record,
+    total_steps)`` gets each ``train_log.jsonl`` record instead (the command line drives a bar with it).
+    """
     from accelerate import PartialState
 
     config = check_config(config)
@@ -662,7 +551,7 @@ def train(config: TrainConfig, *, log: Log | None = None, progress: bool = True)
             GradientState._reset_state()
 
 
-def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
+def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
     from accelerate import Accelerator
 
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
@@ -702,8 +591,6 @@ def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
          f"{config.pose_window}, conditioning {config.conditioning}, "
          f"{'fp32' if config.mixed_precision == 'no' else config.mixed_precision} on {device}")
     model = load_training_model(config, info)
-    from ..loaders.subject_file import weights_digest
-
     identity["frozen_weights"] = weights_digest(model.vae, model.clip)
     if saved:
         _compare_resume(saved["config"], identity, resume_path, ("frozen_weights",))
@@ -737,7 +624,7 @@ def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
                  f"{saved.get('micro_batch')}; now {world} × {config.micro_batch}: same effective batch, but the "
                  "samples drawn from here on differ from an uninterrupted run")
         info(f"resumed from {resume_path} at step {start}")
-    scheduler = _noise_scheduler(model)
+    scheduler = noise_scheduler(model)
     data = TrainData(videos, model.vae, model.clip, config, device, cache=config.cache_conditioning)
     cfg_t = scheduler.config.num_train_timesteps
 
@@ -769,10 +656,10 @@ def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if main:
-            _write_json_atomic(os.path.join(tmp, STATE_NAME),
+            write_json_atomic(os.path.join(tmp, STATE_NAME),
                                {"format": "dreampose-train", "version": 1, "step": step, "config": identity,
                                 "world_size": world, "micro_batch": config.micro_batch, "grad_accum": accum,
-                                "training": config.to_dict()})
+                                "training": config.to_dict()}, indent=1, default=str)
             if os.path.exists(final):
                 old = final + ".old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -787,8 +674,6 @@ def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
         accelerator.wait_for_everyone()
 
     def export(path: str, step: int) -> str:
-        from ..loaders.load import save_bundle
-
         inner = accelerator.unwrap_model(trainable)
         return save_bundle(path, inner.unet, inner.adapter, model.vae if config.include_vae else None,
                            **_bundle_meta(config, model, step, world, accum))
@@ -838,7 +723,9 @@ def _run(config: TrainConfig, state, say: Log, progress: bool) -> TrainResult:
                     record = {"step": done, "loss": sum(window) / len(window), "lr": lr,
                               "seconds": round(now - t_start, 3), "s_per_step": round((now - t_window) / len(window), 4)}
                     _append_jsonl(log_path, record)
-                    if progress:
+                    if callable(progress):
+                        progress(record, config.steps)
+                    elif progress:
                         say(f"train: step {done}/{config.steps}  loss {record['loss']:.4f}  lr {lr:g}  "
                             f"{record['s_per_step']:.3f} s/step")
                 window, t_window = [], now

@@ -1,0 +1,178 @@
+"""``python -m dreampose animate``: a key frame + a folder of DensePose UV → PNG frames and an MP4.
+
+1. Everything the user gave is checked before a single weight is read (a bad input prints one line
+   and exits 2). 2. The weights are loaded. 3. :func:`dreampose.pipeline.animate.animate_clip` runs
+(encode once → pose windows → dual-guidance sampling → decode), with a live bar per stage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+from ..settings import ANIMATE_FPS, PAPER_SAMPLING, SamplingOptions
+from .common import (RUN_INFO_NAME, StepBar, add_device_args, add_options, add_weight_args, check_out_folder,
+                     check_paths, check_weights_given, err, load_image, load_model, nonnegative_int, options_from_args,
+                     positive_float, read_init_latents)
+
+VIDEO_NAME = "dreampose.mp4"
+LATENTS_NAME = "latents.safetensors"
+INIT_LATENTS_NAME = "init_latents.safetensors"
+
+
+def add_sampling_args(p, defaults: SamplingOptions, fps: float) -> None:
+    """The sampling flags (from :class:`~dreampose.settings.SamplingOptions`), init latents and output."""
+    groups: dict = {}
+    add_options(p, SamplingOptions, defaults=defaults, groups=groups)
+    g = groups["sampling"]
+    g.add_argument("--init-latents", metavar="FILE.safetensors",
+                   help="inject x_T from a file (tensor 'latents', [1 or F,4,H/8,W/8]), e.g. a saved init_latents")
+    o = p.add_argument_group("output")
+    o.add_argument("--fps", type=positive_float, default=fps, help=f"video frame rate (default {fps:g})")
+    o.add_argument("--save-latents", action="store_true",
+                   help=f"also write {INIT_LATENTS_NAME} (x_T, reusable with --init-latents) and "
+                        f"{LATENTS_NAME} (final latents), tensor 'latents'")
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("animate", help="animate a key frame along a DensePose sequence",
+                       description="Key frame + folder of frame_N_densepose.npy → PNG frames and an MP4.")
+    add_weight_args(p)
+    p.add_argument("--image", required=True, help="the subject's key frame (any size; conditioning runs at 640x512)")
+    p.add_argument("--poses", required=True, help="folder of frame_N_densepose.npy (2,H,W) UV files")
+    p.add_argument("--first-frame", type=nonnegative_int, default=0, help="skip this many pose frames")
+    p.add_argument("--max-frames", type=nonnegative_int, default=0, help="at most this many frames (0 = all)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--subject", action="append", metavar="FILE.safetensors",
+                   help="a saved subject finetune (finetune-subject / finetune-vae output) applied on top of the "
+                        "weights; give it twice for a UNet+adapter and a VAE decoder finetune")
+    add_sampling_args(p, PAPER_SAMPLING, ANIMATE_FPS)
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def sampling_options(args, defaults: SamplingOptions) -> SamplingOptions:
+    """The run's options: the command's defaults with the flags given; checked (size, choices)."""
+    return options_from_args(args, defaults).check()
+
+
+def check_run_options(args, defaults: SamplingOptions) -> SamplingOptions:
+    options = sampling_options(args, defaults)
+    check_out_folder(args.out)
+    return options
+
+
+def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bool = False) -> dict:
+    """animate_clip → PNG + MP4 (+ latents). Returns what happened (frames, UNet calls, timings, files)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..files.atomic import atomic_output
+    from ..pipeline.animate import animate_clip
+    from ..pipeline.video import save_video
+
+    generator = torch.Generator().manual_seed(options.seed)   # every random draw, in a fixed order
+    x_t = None if args.init_latents_tensor is None else args.init_latents_tensor
+    sampling = StepBar("sampling", quiet)
+    decoding = StepBar("decoding", quiet, unit="frame")
+    done = [0]
+
+    def on_chunk(chunk, total):
+        done[0] += chunk.frames.stop - chunk.frames.start
+        decoding(done[0], total)
+
+    clip = animate_clip(model, image, uv, options, generator=generator, latents=x_t, callback=sampling,
+                        on_chunk=on_chunk)
+    stats = clip.stats
+    timings = {"encode_s": stats.encode_s, "sample_s": stats.sample_s, "decode_s": stats.decode_s}
+
+    t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    pngs, mp4 = save_video(clip.frames, args.out, fps=args.fps, video_name=VIDEO_NAME)
+    written = {"frames": pngs, "video": mp4}
+    stale = sorted(n for n in os.listdir(args.out) if (m := re.match(r"^frame_(\d{4,})\.png$", n))
+                   and int(m.group(1)) >= len(pngs))
+    if stale:
+        err(f"warning: {args.out} still holds {len(stale)} frame(s) from an earlier, longer run "
+            f"({stale[0]} …); they are not part of this video")
+    if args.save_latents:
+        meta = {"width": str(options.width), "height": str(options.height), "steps": str(options.steps),
+                "sampler": options.sampler, "seed": str(options.seed)}
+        for name, tensor, kind in ((INIT_LATENTS_NAME, stats.init_latents, "x_T"), (LATENTS_NAME, clip.latents,
+                                                                                     "final")):
+            path = os.path.join(args.out, name)
+            with atomic_output(path, ".safetensors", mode=0o666) as tmp:
+                save_file({"latents": tensor.detach().float().cpu().contiguous()}, tmp, metadata={**meta, "kind": kind})
+            written["init_latents" if kind == "x_T" else "latents"] = path
+    timings["write_s"] = time.perf_counter() - t0
+    return {"frames": len(pngs), "unet_calls": stats.unet_calls, "unet_batch": stats.unet_batch,
+            "timings": timings, "written": written, "video": clip.frames}
+
+
+def summary(result: dict, args, options: SamplingOptions, device, dtype, load_s: float) -> None:
+    from ..models.devices import dtype_name
+
+    t = result["timings"]
+    n = result["frames"]
+    pngs = result["written"]["frames"]
+    print(f"wrote {n} frame(s) of {options.width}x{options.height} (WxH) to {args.out}: "
+          f"{os.path.basename(pngs[0])} … {os.path.basename(pngs[-1])} and "
+          f"{os.path.basename(result['written']['video'])} ({args.fps:g} fps)")
+    if "latents" in result["written"]:
+        print(f"latents: x_T in {result['written']['init_latents']}, final in {result['written']['latents']}")
+    print(f"{options.sampler}, {options.steps} steps, s_image {options.s_image:g}, s_pose {options.s_pose:g}, "
+          f"seed {options.seed}, {device} {dtype_name(dtype)}: {result['unet_calls']} UNet calls at batch "
+          f"{result['unet_batch']}")
+    print(f"time: load {load_s:.1f} s, encode {t['encode_s']:.1f} s, sampling {t['sample_s']:.1f} s "
+          f"({t['sample_s'] / n:.2f} s/frame), decode {t['decode_s']:.1f} s, write {t['write_s']:.1f} s")
+
+
+def write_run_info(args, options: SamplingOptions, result: dict, device, dtype, extra: dict) -> None:
+    from ..files.atomic import write_text_atomic
+    from ..models.devices import dtype_name
+
+    skip = {"func", "init_latents_tensor", "command"}
+    info = {"command": args.command, "options": {k: v for k, v in vars(args).items() if k not in skip},
+            "sampling": options.to_dict(), "device": str(device), "dtype": dtype_name(dtype), **extra,
+            "frames": result["frames"], "unet_calls": result["unet_calls"], "timings": result["timings"]}
+    write_text_atomic(os.path.join(args.out, RUN_INFO_NAME), json.dumps(info, indent=1, default=str))
+
+
+def run(args) -> int:
+    from ..models.devices import resolve_device, resolve_dtype
+    from ..pipeline.poses import load_uv_folder
+
+    # 1. everything the user gave, checked before a single weight is read
+    check_weights_given(args)
+    options = check_run_options(args, PAPER_SAMPLING)
+    check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
+                image=args.image, poses=args.poses, init_latents=args.init_latents, unet_config=args.unet_config,
+                vae_config=args.vae_config)
+    for path in args.subject or ():
+        check_paths(subject=path)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    image = load_image(args.image)
+    uv = load_uv_folder(args.poses, args.first_frame, args.max_frames)
+    args.init_latents_tensor = (read_init_latents(args.init_latents, uv.shape[0], options.height, options.width)
+                                if args.init_latents else None)
+    err(f"{uv.shape[0]} pose frame(s) from {args.poses}; key frame {image.shape[2]}x{image.shape[1]} (WxH)")
+
+    # 2. weights
+    if not args.dreampose:
+        err("warning: no --dreampose weights: building an untrained DreamPose from the base model; its pose "
+            "channels start at zero and its adapter is fresh, so the frames will not follow the poses")
+    err("loading weights …")
+    t0 = time.perf_counter()
+    model = load_model(args).place(device, dtype)
+    load_s = time.perf_counter() - t0
+    err(f"loaded in {load_s:.1f} s; conditioning convention {model.convention!r}")
+
+    # 3. run
+    result = run_animation(model, image, uv, options, args, quiet=args.quiet)
+    result.pop("video")
+    write_run_info(args, options, result, device, dtype, {"convention": model.convention})
+    summary(result, args, options, device, dtype, load_s)
+    return 0
