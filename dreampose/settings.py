@@ -59,15 +59,16 @@ BENCH_FINETUNE_MODES = ("full", "full+checkpointing", "lora", "vae")
 
 
 def option(default=MISSING, help: str = "", *, flag: str | None = "", minimum=None, kind: str | None = None,
-           choices=None, group: str | None = None, cli: dict | None = None, factory=None):
+           choices=None, group: str | None = None, cli: dict | None = None, factory=None, only: str | None = None):
     """A dataclass field carrying what the CLI, the nodes and the docs need to know about it.
 
     ``flag``: "" derives ``--name-with-dashes``; None keeps the field off the command line.
     ``kind``: ``positive`` (> 0), ``unit`` (0..1), ``finite`` (floats); ``minimum`` for whole numbers.
     ``cli``: extra ``argparse.add_argument`` keywords (``nargs``, ``action``, ``metavar``, ``dest``…).
+    ``only``: the one variant the option applies to (a finetune kind), where several share the class.
     """
     meta = {"help": help, "flag": flag, "minimum": minimum, "kind": kind, "choices": choices, "group": group,
-            "cli": dict(cli or {})}
+            "cli": dict(cli or {}), "only": only}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -87,6 +88,7 @@ class OptionInfo:
     choices: tuple | None
     group: str | None
     cli: dict
+    only: str | None = None
 
 
 def options_of(cls, defaults=None) -> list[OptionInfo]:
@@ -109,7 +111,7 @@ def options_of(cls, defaults=None) -> list[OptionInfo]:
         if flag == "":
             flag = "--" + f.name.replace("_", "-")
         out.append(OptionInfo(f.name, hints[f.name], default, meta["help"], flag, meta["minimum"], meta["kind"],
-                              meta["choices"], meta["group"], meta["cli"]))
+                              meta["choices"], meta["group"], meta["cli"], meta["only"]))
     return out
 
 
@@ -121,34 +123,36 @@ def check_output_size(height: int, width: int) -> None:
             "DreamPose was trained at")
 
 
+def check_choice(value, choices, what: str):
+    """``value`` if it is one of ``choices``, else a DreamPoseError naming ``what`` and the choices."""
+    if value not in choices:
+        raise DreamPoseError(f"unknown {what} {value!r}; use one of {tuple(choices)}")
+    return value
+
+
 def check_convention(convention: str) -> str:
-    if convention not in CONVENTIONS:
-        raise DreamPoseError(f"unknown conditioning convention {convention!r}; use one of {CONVENTIONS}")
-    return convention
+    return check_choice(convention, CONVENTIONS, "conditioning convention")
 
 
 def check_latent_mode(latent_mode: str) -> str:
-    if latent_mode not in LATENT_MODES:
-        raise DreamPoseError(f"conditioning latent must be one of {LATENT_MODES}, got {latent_mode!r}")
-    return latent_mode
+    return check_choice(latent_mode, LATENT_MODES, "conditioning latent")
 
 
 def check_sampler(sampler: str) -> str:
-    if sampler not in SAMPLERS:
-        raise DreamPoseError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    return sampler
+    return check_choice(sampler, SAMPLERS, "sampler")
 
 
 def check_start(start: str) -> str:
-    if start not in START_MODES:
-        raise DreamPoseError(f"unknown start mode {start!r}; use one of {START_MODES}")
-    return start
+    return check_choice(start, START_MODES, "start mode")
 
 
 def check_stretch(stretch: str) -> str:
-    if stretch not in STRETCH_MODES:
-        raise DreamPoseError(f"unknown stretch {stretch!r}; use one of {STRETCH_MODES}")
-    return stretch
+    return check_choice(stretch, STRETCH_MODES, "stretch")
+
+
+def check_kind(kind: str) -> str:
+    """``subject`` (UNet + adapter) or ``vae`` (VAE decoder)."""
+    return check_choice(kind, FINETUNE_KINDS, "finetune kind")
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -211,12 +215,6 @@ DEMO_FRAMES = 16                     # frames of the demo's motion
 # ------------------------------------------------------------------------------ subject finetuning
 
 
-def check_kind(kind: str) -> str:
-    if kind not in FINETUNE_KINDS:
-        raise DreamPoseError(f"unknown finetune kind {kind!r}; use 'subject' (UNet+adapter) or 'vae' (VAE decoder)")
-    return kind
-
-
 # settings that cannot change the result (gradient checkpointing recomputes the same forward)
 _NOT_IN_CACHE_KEY = ("gradient_checkpointing",)
 
@@ -238,19 +236,21 @@ class FinetuneSettings:
     precision: str = option("fp32", "autocast over fp32 weights (default {default})", choices=PRECISIONS)
     optimizer: str = option("adamw", "adamw8bit needs bitsandbytes (default {default})", choices=OPTIMIZERS)
     lora_rank: int = option(0, "0: full UNet+adapter finetune (default); >0: LoRA of this rank on the UNet attention "
-                               "(the adapter is still trained in full; the file holds only the delta)", minimum=0)
+                               "(the adapter is still trained in full; the file holds only the delta)", minimum=0,
+                            only="subject")
 
     height: int = option(640, "training height of the targets, a multiple of 64 (default {default})")
     width: int = option(512, "training width of the targets, a multiple of 64 (default {default})")
     crop_prob: float = option(0.7, "share of samples cropped (default {default:g})", kind="unit")
     crop_min_scale: float = option(0.96, "smallest kept side fraction (default {default:.2g})", kind="unit")
     dropout: float = option(0.0, "per-sample conditioning dropout, split pose/image/both (default {default:g}, as "
-                                 "the authors)", kind="unit")
-    lora_alpha: float = option(0.0, "LoRA alpha (default: the rank, scale 1)", kind="positive")
+                                 "the authors)", kind="unit", only="subject")
+    lora_alpha: float = option(0.0, "LoRA alpha (default: the rank, scale 1)", kind="positive", only="subject")
     weight_decay: float = option(1e-2, "AdamW weight decay", flag=None)
     max_grad_norm: float = option(1.0, "gradient-norm clip (0: none)", flag=None)
     decoder_range: str = option("minus1_1", "decoder target range: minus1_1 (default, what decoding expects) or 0_1 "
-                                            "(the authors', washes frames out)", choices=DECODER_RANGES)
+                                            "(the authors', washes frames out)", choices=DECODER_RANGES,
+                                  only="vae")
     clip_only: bool = option(False, "keep the adapter's VAE-token weights at zero (the paper's CLIP-only "
                                     "ablation)", flag=None)
 
@@ -271,12 +271,6 @@ class FinetuneSettings:
 # what a VAE decoder finetune changes from the defaults: the authors' 1500 steps at lr 5e-5, every
 # sample cropped, down to 589/640 of the side
 VAE_FINETUNE_DEFAULTS = {"steps": 1500, "lr": 5e-5, "crop_prob": 1.0, "crop_min_scale": 589 / 640}
-# the options that make sense for each kind (the CLI offers these)
-SUBJECT_FINETUNE_FLAGS = ("steps", "lr", "batch_size", "seed", "crop", "flip", "crop_prob", "crop_min_scale",
-                          "width", "height", "gradient_checkpointing", "precision", "optimizer", "lora_rank",
-                          "lora_alpha", "dropout")
-VAE_FINETUNE_FLAGS = ("steps", "lr", "batch_size", "seed", "crop", "flip", "crop_prob", "crop_min_scale", "width",
-                      "height", "gradient_checkpointing", "precision", "optimizer", "decoder_range")
 
 
 def vae_settings(**kw) -> FinetuneSettings:
@@ -284,6 +278,12 @@ def vae_settings(**kw) -> FinetuneSettings:
     up to 589/640 of the side. (Theirs were 1500 micro-batches of one photo accumulated 4 at a time;
     here 1500 optimizer steps of ``batch_size`` samples.)"""
     return FinetuneSettings(**{**VAE_FINETUNE_DEFAULTS, **kw})
+
+
+def finetune_flags(kind: str) -> tuple[str, ...]:
+    """The fields the command line offers for a finetune kind: every flagged one not meant for the other."""
+    check_kind(kind)
+    return tuple(o.name for o in options_of(FinetuneSettings) if o.flag and o.only in (None, kind))
 
 
 def finetune_defaults(kind: str) -> FinetuneSettings:
@@ -473,10 +473,10 @@ class EvalSettings:
                                group=_EVAL_SAMPLING, cli={"type": int})
     key_frame: int = option(0, "index of the key frame (default {default})", minimum=0, group="videos")
     max_frames: int = option(0, "use the first N frames of each video (0 = all)", minimum=0, group="videos")
-    finetune_steps: int = option(0, f"UNet + adapter finetune steps (0 = none; the authors' {FinetuneSettings.steps})", minimum=0,
-                                 group=_EVAL_FINETUNE)
+    finetune_steps: int = option(0, f"UNet + adapter finetune steps (0 = none; the authors' {FinetuneSettings.steps})",
+                                 minimum=0, group=_EVAL_FINETUNE)
     vae_finetune_steps: int = option(0, "VAE decoder finetune steps (0 = none; the authors' "
-                                                                           f"{VAE_FINETUNE_DEFAULTS['steps']})", minimum=0,
+                                     f"{VAE_FINETUNE_DEFAULTS['steps']})", minimum=0,
                                      group=_EVAL_FINETUNE)
     finetune_lr: float | None = option(None, "default " + f"{FinetuneSettings.lr:g}" + " (the subject finetune's)",
                                        kind="positive", group=_EVAL_FINETUNE)
@@ -536,8 +536,7 @@ class PrepareOptions:
             raise DreamPoseError(f"max_frames must be 0 (all) or more, got {self.max_frames}")
         if self.frames_per_batch < 1:
             raise DreamPoseError(f"frames_per_batch must be at least 1, got {self.frames_per_batch}")
-        if self.person not in PERSON_CHOICES:
-            raise DreamPoseError(f"unknown person choice {self.person!r}; use one of {PERSON_CHOICES}")
+        check_choice(self.person, PERSON_CHOICES, "person choice")
         if self.detect_resolution < 0:
             raise DreamPoseError(f"detect_resolution must be 0 (frame size) or more, got {self.detect_resolution}")
         return self
@@ -618,6 +617,7 @@ def markdown() -> str:
             text = o.help.replace("%%", "%")
             if "{default" in text and default is not MISSING:
                 text = text.format(default=default)
+            text += f" ({o.only} finetune only)" if o.only else ""
             lines.append(f"| `{o.name}` | {f'`{o.flag}`' if o.flag else '—'} | {_cell(default)} | {choices} | "
                          f"{text.replace('|', '/')} |")
     return "\n".join(lines) + "\n"

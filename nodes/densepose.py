@@ -233,13 +233,7 @@ class DreamPoseLoadIUV(io.ComfyNode):
                 "numbers in their names, as a UV sequence (U, V in 0..1; 0 where I is 0). Coloured DensePose "
                 "visualisations (viridis/parula) are not IUV and are refused."),
             inputs=[
-                io.String.Input("folder", default="",
-                                tooltip="Folder of IUV .png pictures: an absolute path, or relative to ComfyUI's "
-                                        "input folder."),
-                io.Int.Input("start", default=0, min=0, max=1_000_000,
-                             tooltip="Skip this many pictures from the start of the sequence."),
-                io.Int.Input("count", default=0, min=0, max=1_000_000,
-                             tooltip="Load at most this many pictures; 0 loads all the rest."),
+                *folders.frame_folder_inputs("IUV .png pictures", "pictures"),
                 io.Combo.Input("channel_order", options=list(LOAD_ORDERS), default="auto",
                                tooltip="Which channel holds the part index: R (detectron2's encoding, what DreamPose "
                                        "Save UV writes), B (an [I,U,V] array written with OpenCV, e.g. Detectron1's "

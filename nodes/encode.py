@@ -42,10 +42,12 @@ class CLIPVAEAdapterEncode(io.ComfyNode):
                 DreamPoseModelType.Input("model", tooltip="The DreamPose model from Load DreamPose."),
                 io.Image.Input("image", tooltip="The subject's key frame: one RGB image (a batch of one). Best "
                                                 "framed like the output, full body, portrait 4:5."),
-                io.Combo.Input("conditioning_latent", options=list(LATENT_MODES), default=PAPER_SAMPLING.conditioning_latent,
+                io.Combo.Input("conditioning_latent", options=list(LATENT_MODES),
+                               default=PAPER_SAMPLING.conditioning_latent,
                                tooltip="How the VAE branch reads the photo: sample (a seeded draw from the VAE "
                                        "posterior, as the authors' code) or mode (its mean, deterministic)."),
-                io.Int.Input("seed", default=PAPER_SAMPLING.seed, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                io.Int.Input("seed", default=PAPER_SAMPLING.seed, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             control_after_generate=True,
                              tooltip="Seed of the VAE posterior draw ('sample' only); CPU generator, so the same "
                                      "seed gives the same condition on any device."),
             ],

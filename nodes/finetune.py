@@ -184,27 +184,23 @@ class _FinetuneNode(io.ComfyNode):
             io.Boolean.Input("crop", default=d.crop, tooltip=t["crop"]),
             io.Boolean.Input("flip", default=d.flip, tooltip=t["flip"]),
         ]
-        if cls.KIND == "subject":
-            inputs += [
-                io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing,
-                                 tooltip="Recompute activations in the backward pass: much less VRAM, about 30% "
-                                         "slower."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default=d.precision,
-                               tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer; less VRAM) or "
-                                       "fp16 (mixed precision with loss scaling)."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default=d.optimizer,
-                               tooltip="adamw, or adamw8bit (bitsandbytes, CUDA only: optimizer state in 8 bit, "
-                                       "about a quarter of AdamW's memory)."),
-                io.Int.Input("lora_rank", default=d.lora_rank, min=0, max=512,
-                             tooltip="0: finetune every UNet and adapter weight (the paper; about 32 GB of VRAM at "
-                                     "512×640). A rank such as 16 or 64 trains LoRA layers instead: a fraction of "
-                                     "the memory and a small file."),
-            ]
-        else:
-            inputs.append(io.Combo.Input("precision", options=list(PRECISIONS), default=d.precision,
-                                         tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer) or fp16 "
-                                                 "(mixed precision with loss scaling)."))
-        return inputs
+        precision = io.Combo.Input("precision", options=list(PRECISIONS), default=d.precision,
+                                   tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer; less VRAM) or "
+                                           "fp16 (mixed precision with loss scaling).")
+        if cls.KIND != "subject":
+            return inputs + [precision]
+        return inputs + [
+            io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing,
+                             tooltip="Recompute activations in the backward pass: much less VRAM, about 30% slower."),
+            precision,
+            io.Combo.Input("optimizer", options=list(OPTIMIZERS), default=d.optimizer,
+                           tooltip="adamw, or adamw8bit (bitsandbytes, CUDA only: optimizer state in 8 bit, about a "
+                                   "quarter of AdamW's memory)."),
+            io.Int.Input("lora_rank", default=d.lora_rank, min=0, max=512,
+                         tooltip="0: finetune every UNet and adapter weight (the paper; about 32 GB of VRAM at "
+                                 "512×640). A rank such as 16 or 64 trains LoRA layers instead: a fraction of the "
+                                 "memory and a small file."),
+        ]
 
     @classmethod
     def outputs(cls) -> list:

@@ -10,6 +10,7 @@ import os
 import re
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
 
@@ -143,6 +144,19 @@ def _find_dir(folder: str, name: str, is_model_dir) -> str | None:
 def _not_found(what: str, name: str, folder: str) -> DreamPoseError:
     where = ", ".join(_search_paths(folder)) or f"models/{folder}"
     return DreamPoseError(f"{what} {name!r} not found in {where}; refresh the node list (R) or put it there")
+
+
+def frame_folder_inputs(files: str, items: str) -> list:
+    """The inputs every frame-folder loader starts with, in this order: ``folder``, ``start``, ``count``.
+    ``files`` names what the folder holds, ``items`` what one of them is called (frames, pictures)."""
+    return [
+        io.String.Input("folder", default="", tooltip=f"Folder of {files}: an absolute path, or relative to "
+                                                      "ComfyUI's input folder."),
+        io.Int.Input("start", default=0, min=0, max=1_000_000,
+                     tooltip=f"Skip this many {items} from the start of the sequence."),
+        io.Int.Input("count", default=0, min=0, max=1_000_000,
+                     tooltip=f"Load at most this many {items}; 0 loads all the rest."),
+    ]
 
 
 def check_frame_folder(folder: str | None, list_files) -> bool | str:

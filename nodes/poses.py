@@ -22,15 +22,7 @@ class DreamPoseLoadUV(io.ComfyNode):
             description=(
                 "Loads a folder of DensePose UV frames in the authors' layout (frame_N_densepose.npy, each a "
                 "(2, H, W) U/V array), in numeric frame order. Files are read without unpickling."),
-            inputs=[
-                io.String.Input("folder", default="",
-                                tooltip="Folder of frame_N_densepose.npy files: an absolute path, or relative to "
-                                        "ComfyUI's input folder."),
-                io.Int.Input("start", default=0, min=0, max=1_000_000,
-                             tooltip="Skip this many frames from the start of the sequence."),
-                io.Int.Input("count", default=0, min=0, max=1_000_000,
-                             tooltip="Load at most this many frames; 0 loads all the rest."),
-            ],
+            inputs=folders.frame_folder_inputs("frame_N_densepose.npy files", "frames"),
             outputs=[DreamPosePoseType.Output(
                 display_name="uv", tooltip="The UV sequence [frames, 2, H, W]; connect it to DensePoseWindow5.")],
         )

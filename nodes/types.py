@@ -1,10 +1,10 @@
 """The pack's socket types. Namespaced so they never connect to another pack's look-alikes.
 
-* ``DREAMPOSE_MODEL``: a :class:`dreampose.model.DreamPoseModel` (UNet, adapter, VAE, CLIP vision,
+* ``DREAMPOSE_MODEL``: a :class:`dreampose.models.bundle.DreamPoseModel` (UNet, adapter, VAE, CLIP vision,
   convention); the dtypes the loader chose live in its ``info``.
-* ``DREAMPOSE_COND``: a :class:`dreampose.conditioning.ImageCondition` (key frame and null embeddings).
+* ``DREAMPOSE_COND``: a :class:`dreampose.pipeline.conditioning.ImageCondition` (key frame and null embeddings).
 * ``DREAMPOSE_POSE``: a DensePose UV sequence (``torch.Tensor`` ``[F,2,H,W]``) or, after
-  ``DensePoseWindow5``, a :class:`dreampose.poses.PoseWindows`. One type for both keeps the pose
+  ``DensePoseWindow5``, a :class:`dreampose.pipeline.poses.PoseWindows`. One type for both keeps the pose
   chain to one colour in the UI; the nodes check which of the two they got.
 """
 import torch

@@ -15,7 +15,8 @@ ln -s "$ROOT" "$TMP/custom_nodes/ComfyUI-DreamPose"
 touch "$TMP/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors" "$TMP/models/clip_vision/clip-vit-base-patch32.safetensors" \
       "$TMP/models/dreampose/unet_epoch_20.pth" "$TMP/models/dreampose/adapter_20.pth" \
       "$TMP/models/densepose/densepose_r50_fpn_dl.torchscript"
-cp /work/shared/data/subject/key_frame.png "$TMP/input/" 2>/dev/null || "$PY" -c "from PIL import Image; Image.new('RGB',(576,720),(128,128,128)).save('$TMP/input/key_frame.png')"
+# the key frame the workflows load: a synthetic-world person at a photo's size (nothing from outside the repository)
+"$PY" -c "import sys; sys.path.insert(0, '$ROOT/tests'); from host_helpers import write_key_frame; write_key_frame(__import__('pathlib').Path('$TMP/input/key_frame.png'))"
 echo '{"Comfy.TutorialCompleted": true, "Comfy.Minimap.Visible": false, "Comfy.Graph.CanvasInfo": false, "LiteGraph.Canvas.MinFontSizeForLOD": 1, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1, "Comfy.Release.Version": "99.0.0", "Comfy.Release.Status": "skipped"}' > "$TMP/user/default/comfy.settings.json"
 cat > "$TMP/extra_model_paths.yaml" <<YAML
 screenshot:

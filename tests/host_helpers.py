@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ if str(ROOT) not in sys.path:
 from dreampose.demo.tiny import tiny_dreampose, write_tiny_clip_folder, write_tiny_sd_folder  # noqa: E402
 
 HOST = ROOT / "tests" / "comfy_host"
-KEY_FRAME = Path("/work/shared/data/subject/key_frame.png")  # a real photo (576×720)
+KEY_FRAME_SIZE = (720, 576)   # H, W: a portrait photo's size, not a multiple of 64 (the encoder resizes it)
 PACK = "ComfyUI-DreamPose"
 POSE_FRAMES = 3  # frames in input/dreampose_poses
 
@@ -72,11 +71,7 @@ class Env:
         self.poses = self.input / "dreampose_poses"
         self.poses.mkdir(parents=True)
         self.key_frame = self.input / "key_frame.png"
-        if KEY_FRAME.exists():
-            shutil.copy(KEY_FRAME, self.key_frame)
-        else:  # a checkout without the shared data: any RGB photo-sized picture will do
-            pixels = np.random.default_rng(1).integers(0, 256, (720, 576, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(self.key_frame)
+        write_key_frame(self.key_frame)
         write_uv_folder(self.poses, POSE_FRAMES, seed=0)
         (root / "custom").mkdir()
         self.pack = root / "custom" / PACK
@@ -96,6 +91,15 @@ class Env:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=self.root)
         proc.out = out
         return proc
+
+
+def write_key_frame(path: Path) -> Path:
+    """A person standing, full body, as a photo-sized RGB PNG: a synthetic-world subject (deterministic)."""
+    from dreampose.demo.model import demo_scene
+
+    key = demo_scene(frames=2, subject=1, height=KEY_FRAME_SIZE[0], width=KEY_FRAME_SIZE[1])["key_frame"]
+    Image.fromarray(key.permute(1, 2, 0).numpy()).save(path)
+    return path
 
 
 def write_uv_folder(folder: Path, frames: int, seed: int = 0, size: tuple[int, int] = (96, 72)) -> Path:

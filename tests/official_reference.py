@@ -1,6 +1,6 @@
 """The official DreamPose inference math, re-derived in plain PyTorch for parity tests.
 
-Written from official-code-notes.md §2–§4 (and a reading of the authors' test.py / pipeline), in the
+Written from docs/official-code.md §2–§4 (and a reading of the authors' test.py / pipeline), in the
 authors' structure: one frame at a time, PIL-based CLIP preprocessing, the pose tensor rebuilt and
 interpolated inside every step, embeddings ``[uncond, cond, cond]`` and poses ``[0, pose, 0]``.
 Only the random draws are made explicit (a generator instead of the global RNG) so that a test can

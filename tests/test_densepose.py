@@ -1,4 +1,4 @@
-"""DensePose UV from frames (dreampose/densepose.py) and its nodes.
+"""DensePose UV from frames (dreampose/data/densepose.py) and its nodes.
 
 A tiny TorchScript model with the real export's call signature (one ``[3,H,W]`` uint8 image) and
 output layout (``pred_boxes [N,4] XYXY, coarse_segm [N,2,S,S], fine_segm [N,25,S,S], u, v``) is

@@ -1,4 +1,4 @@
-"""Evaluation metrics (dreampose.metrics) against hand computations and closed forms.
+"""Evaluation metrics (dreampose.evaluation.metrics) against hand computations and closed forms.
 
 Feature metrics are exercised with torchvision's real architectures holding seeded random weights
 (saved to files, loaded through the real loaders): what is checked is the plumbing and the

@@ -1,6 +1,6 @@
 """`python -m dreampose prepare` (dreampose/data/prepare.py, dreampose/cli/prepare.py).
 
-Videos are small MP4s written with ``dreampose.video.write_mp4`` from synthetic frames (a coloured
+Videos are small MP4s written with ``dreampose.pipeline.video.write_mp4`` from synthetic frames (a coloured
 rectangle moving right, and an 8×8 top-left block whose blue value changes per frame). The
 estimator is the tiny TorchScript export of tests/test_densepose.py: it moves its box right by the
 blue value at pixel (0,0), so every frame gets its own UV and a mix-up of frames or colour order

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import time
 
-from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FPS, DEMO_FRAMES, DEMO_SAMPLING, DEMO_VAE_FINETUNE_STEPS,
-                        MOTIONS)
+from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FPS, DEMO_FRAMES, DEMO_SAMPLING,
+                        DEMO_VAE_FINETUNE_STEPS, MOTIONS)
 from .animate import add_sampling_args, check_run_options, run_animation, summary, write_run_info
 from .common import (StepBar, add_device_args, err, int_at_least, load_image, nonnegative_int, positive_float,
                      read_init_latents)
@@ -30,7 +30,8 @@ def register(sub) -> None:
                                    "IoU against a shuffled pose order.")
     p.add_argument("--out", default="dreampose_demo", help="output folder (default ./dreampose_demo)")
     p.add_argument("--image", help="use this key frame instead of the synthetic subject's")
-    p.add_argument("--frames", type=int_at_least(2), default=DEMO_FRAMES, help=f"number of pose frames (default {DEMO_FRAMES})")
+    p.add_argument("--frames", type=int_at_least(2), default=DEMO_FRAMES,
+                   help=f"number of pose frames (default {DEMO_FRAMES})")
     p.add_argument("--subject", type=nonnegative_int, default=0,
                    help="which test-split subject of the synthetic world (default 0)")
     p.add_argument("--motion", choices=MOTIONS, help="motion family (default: the subject's)")

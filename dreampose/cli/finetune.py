@@ -11,8 +11,7 @@ import os
 import time
 
 from ..errors import DreamPoseError
-from ..settings import (SUBJECT_FINETUNE_FLAGS, VAE_FINETUNE_FLAGS, FinetuneSettings, check_settings,
-                        finetune_defaults)
+from ..settings import FinetuneSettings, check_settings, finetune_defaults, finetune_flags
 from .common import (StepBar, add_options, add_weight_args, check_paths, check_weights_given, err, image_paths,
                      load_image, load_model, options_from_args, positive_int)
 
@@ -45,7 +44,7 @@ def _register(sub, name: str, kind: str) -> None:
     p.add_argument("--force", action="store_true", help="train even if --out already holds this finetune")
     g = p.add_argument_group("training (defaults: the authors' " + ("subject finetune)" if subject else
                                                                      "VAE decoder finetune)"))
-    add_options(p, FinetuneSettings, SUBJECT_FINETUNE_FLAGS if subject else VAE_FINETUNE_FLAGS,
+    add_options(p, FinetuneSettings, finetune_flags(kind),
                 parse_defaults=False, help_defaults=finetune_defaults(kind), group=g)
     p.add_argument("--device", default="auto", help="where to train: auto (CUDA if available, else CPU), cpu, cuda, "
                                                     "cuda:N. Weights stay fp32; --precision picks the arithmetic")
@@ -56,8 +55,7 @@ def _register(sub, name: str, kind: str) -> None:
 
 def settings_of(args, kind: str) -> FinetuneSettings:
     """The kind's defaults with the flags given, validated."""
-    names = SUBJECT_FINETUNE_FLAGS if kind == "subject" else VAE_FINETUNE_FLAGS
-    return check_settings(options_from_args(args, finetune_defaults(kind), names), kind)
+    return check_settings(options_from_args(args, finetune_defaults(kind), finetune_flags(kind)), kind)
 
 
 def run(args) -> int:

@@ -48,7 +48,7 @@ from PIL import Image
 
 from ..errors import DreamPoseError
 from ..pipeline.poses import prepare_frame_folder, select_range
-from ..settings import DETECT_SHORT_SIDE, PERSON_CHOICES
+from ..settings import DETECT_SHORT_SIDE, PERSON_CHOICES, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,7 @@ def select_person(det: Detections, person: str = "largest") -> int | None:
     export gives scores, else the first detection (exports list detections by decreasing score; the
     authors kept that one).
     """
-    if person not in PERSON_CHOICES:
-        raise DreamPoseError(f"unknown person choice {person!r}; use one of {PERSON_CHOICES}")
+    check_choice(person, PERSON_CHOICES, "person choice")
     if len(det) == 0:
         return None
     if person == "highest_score":
@@ -435,8 +434,7 @@ def estimate_uv(model: DensePoseModel, images, person: str = "largest", frames_p
     """
     if frames_per_batch < 1:
         raise DreamPoseError(f"frames_per_batch must be at least 1, got {frames_per_batch}")
-    if person not in PERSON_CHOICES:
-        raise DreamPoseError(f"unknown person choice {person!r}; use one of {PERSON_CHOICES}")
+    check_choice(person, PERSON_CHOICES, "person choice")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     if isinstance(images, torch.Tensor) and images.ndim == 3:

@@ -3,7 +3,7 @@
 Sources are found below one folder: video files (``.mp4 .mov .avi .webm .mkv .m4v``, decoded with
 OpenCV) and folders of frame images (``frame_N.png`` and the like, with the authors'
 ``frame_N_densepose.npy`` beside them or not). Each becomes one folder in the layout of
-:mod:`dreampose.dataset` under the same relative path, so the UBC Fashion split
+:mod:`dreampose.data.dataset` under the same relative path, so the UBC Fashion split
 ``ROOT/train/X.mp4`` becomes ``OUT/train/X/``.
 
 Frames are resized first (``height``/``width``) and DensePose runs on the frame exactly as it is

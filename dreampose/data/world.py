@@ -28,7 +28,7 @@ from PIL import Image
 from ..errors import DreamPoseError
 from ..pipeline.poses import prepare_frame_folder, uv_file_name
 from ..pipeline.video import to_uint8, write_mp4
-from ..settings import MOTIONS, SPLITS, SynthSettings
+from ..settings import MOTIONS, SPLITS, SynthSettings, check_choice
 from .dataset import MARKER, frame_file_name, write_marker
 
 BACKGROUND: tuple[float, float, float] = (0.92, 0.92, 0.92)
@@ -276,9 +276,7 @@ def random_motion(seed: int, frames: int, kind: str | None = None) -> np.ndarray
     rng = np.random.default_rng([seed, 2])
     family = MOTIONS[rng.integers(len(MOTIONS))]
     if kind is not None:
-        if kind not in MOTIONS:
-            raise DreamPoseError(f"unknown motion {kind!r}; choose one of {', '.join(MOTIONS)}")
-        family = kind
+        family = check_choice(kind, MOTIONS, "motion")
     t = np.arange(frames, dtype=np.float64)
     pose = np.tile(neutral_pose(), (frames, 1))
     col = {name: pose[:, i] for name, i in _P.items()}   # views: writing them fills pose
@@ -655,8 +653,7 @@ def world_seeds(seed: int, split: str, index: int) -> tuple[int, int]:
     """(outfit seed, motion seed) of video ``index`` of ``split``: distinct numbers for every
     (seed, split, index, role), so no two splits ever share a subject or a motion."""
     seed = _check_seed(seed)
-    if split not in SPLITS:
-        raise DreamPoseError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_choice(split, SPLITS, "split")
     if not 0 <= index < 2 ** 32:
         raise DreamPoseError(f"video index out of range: {index}")
     base = ((seed * 2 ** 32 + index) * len(SPLITS) + SPLITS.index(split)) * 2

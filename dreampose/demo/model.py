@@ -15,14 +15,22 @@ import torch
 from ..data.world import neutral_pose, random_motion, random_outfit, render_video, world_seeds
 from ..errors import DreamPoseError
 from ..loaders.load import load_dreampose
-from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH,
-                        MOTIONS, FinetuneSettings, vae_settings)
+from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS,
+                        DEMO_WIDTH, MOTIONS, FinetuneSettings, check_choice, vae_settings)
 from ..training.finetune import finetune_subject, finetune_vae_decoder
 from .config import DEMO_FILE, DEMO_WORLD_SEED
 
 
 def load_demo_model(path: str = DEMO_FILE):
-    """The shipped demo DreamPose (fp16 on disk; the caller places it on a device and dtype)."""
+    """The shipped demo DreamPose (fp16 on disk; the caller places it on a device and dtype).
+
+    Args:
+        path: the demo file, by default ``dreampose/assets/demo_dreampose.safetensors`` (UNet, adapter, VAE and
+            CLIP in one file).
+
+    Returns:
+        The :class:`~dreampose.models.bundle.DreamPoseModel`, as ``load_dreampose(dreampose=path)`` loads it.
+    """
     if not os.path.isfile(path):
         raise DreamPoseError(f"the demo model is missing: {path!r}; reinstall the package or rebuild it with "
                              "scripts/train_demo_model.sh")
@@ -35,12 +43,20 @@ def demo_scene(frames: int = DEMO_FRAMES, subject: int = 0, motion: str | None =
                width: int = DEMO_WIDTH) -> dict:
     """An unseen subject and motion from the synthetic world's *test* split (never trained on).
 
-    Returns the key frame (``[3,H,W]`` uint8: the subject standing in the neutral pose), the driving
-    UV ``[F,2,H,W]``, the ground-truth frames ``[F,3,H,W]`` 0..1 (the subject rendered along the
-    motion) and a description.
+    Args:
+        frames: the motion's length ``F``.
+        subject: which test subject (its index in the split); it also picks the default motion.
+        motion: a motion family of ``dreampose.settings.MOTIONS`` (``walk``, ``sway``, …); default: the
+            ``subject``-th of them, cycling.
+        height, width: the frame size ``H``, ``W`` in pixels.
+
+    Returns:
+        A dict: ``key_frame`` (``[3,H,W]`` uint8: the subject standing in the neutral pose), ``key_uv`` (its UV
+        ``[2,H,W]``), ``uv`` (the driving UV ``[F,2,H,W]``), ``truth`` (the ground-truth frames ``[F,3,H,W]``
+        0..1: the subject rendered along the motion), ``subject`` (a description) and ``motion`` (the family).
     """
-    if motion is not None and motion not in MOTIONS:
-        raise DreamPoseError(f"unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}")
+    if motion is not None:
+        check_choice(motion, MOTIONS, "motion")
     outfit_seed, motion_seed = world_seeds(DEMO_WORLD_SEED, "test", subject)
     outfit = random_outfit(outfit_seed)
     kind = motion or MOTIONS[subject % len(MOTIONS)]
@@ -53,8 +69,22 @@ def demo_scene(frames: int = DEMO_FRAMES, subject: int = 0, motion: str | None =
 def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, steps: int = DEMO_FINETUNE_STEPS,
                           vae_steps: int = DEMO_VAE_FINETUNE_STEPS, lr: float = DEMO_FINETUNE_LR, seed: int = 0,
                           height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH, callback=None):
-    """UNet + adapter, then VAE decoder, finetuned on the one key frame (paper §4.3). Returns a new model;
-    ``callback(stage, step, total, loss)``."""
+    """UNet + adapter, then VAE decoder, finetuned on the one key frame (paper §4.3); returns a new model.
+
+    Args:
+        model: the DreamPose model to start from (not changed).
+        key_u8: the key frame ``[3,H,W]`` uint8.
+        key_uv: its DensePose UV ``[2,H,W]``.
+        steps: optimizer steps of the UNet + adapter finetune; 0 skips it.
+        vae_steps: optimizer steps of the VAE decoder finetune; 0 skips it.
+        lr, seed, height, width: for both finetunes; their other settings are the defaults
+            (``FinetuneSettings()``, :func:`~dreampose.settings.vae_settings`).
+        callback: ``callback(stage, step, total, loss)`` after every optimizer step, ``stage`` ``"subject"``
+            then ``"vae"``.
+
+    Returns:
+        The finetuned model (``model`` itself when both step counts are 0).
+    """
     image = key_u8.float().unsqueeze(0) / 255
     if steps:
         settings = FinetuneSettings(steps=steps, lr=lr, seed=seed, height=height, width=width)

@@ -56,8 +56,8 @@ def tiny_clip(seed: int = 2) -> CLIPVisionModel:
 
 
 def perturb_pose_weights(unet: UNet2DConditionModel, seed: int = 3, scale: float = 0.05) -> UNet2DConditionModel:
-    """Give the zero-initialised pose channels (and the adapter-facing paths) some random weight, so a
-    tiny model's output depends on the pose as a trained one does."""
+    """Give the zero-initialised pose channels of ``conv_in`` some random weight, so a tiny model's
+    output depends on the pose as a trained one does."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         w = unet.conv_in.weight
@@ -66,7 +66,21 @@ def perturb_pose_weights(unet: UNet2DConditionModel, seed: int = 3, scale: float
 
 
 def tiny_dreampose(seed: int = 0, pose_sensitive: bool = True, convention: str = "standard") -> DreamPoseModel:
-    """A whole tiny DreamPose in memory (base UNet expanded to 14 channels, fresh adapter)."""
+    """A whole tiny DreamPose in memory (base UNet expanded to 14 channels, fresh adapter).
+
+    Random weights, reproducible from ``seed``; the global RNG is left as it was.
+
+    Args:
+        seed: seed of the networks (the parts use ``seed`` … ``seed + 5``).
+        pose_sensitive: give the pose channels of ``conv_in`` and the adapter's VAE-token weights some random
+            weight, so the output depends on them as a trained model's does; ``False`` leaves both at zero, as in
+            a fresh DreamPose.
+        convention: the conditioning convention, ``standard`` or ``official``.
+
+    Returns:
+        A :class:`~dreampose.models.bundle.DreamPoseModel` with SD 1.x's scheduler config and ``info``
+        ``{"tiny": True}``.
+    """
     clip = tiny_clip(seed + 2)
     unet = expand_conv_in(tiny_base_unet(seed))
     if pose_sensitive:

@@ -83,8 +83,21 @@ def instantiate(build: Callable[[], torch.nn.Module], state: dict[str, torch.Ten
                 source: str) -> torch.nn.Module:
     """Build a module without random init and load ``state`` strictly, with a readable error.
 
-    The file's tensors become the parameters (``assign``): no copy, and their dtype is kept, so an
-    fp16 file gives an fp16 module. A mismatch is reported before anything is assigned.
+    The file's tensors become the parameters (``assign``): no copy, and their dtype is kept, so an fp16 file gives
+    an fp16 module. A mismatch is reported before anything is assigned.
+
+    Args:
+        build: makes the module; it runs with parameters created on the meta device (buffers for real).
+        state: every tensor of the module's state dict, under its names.
+        what: the module's name in error messages (e.g. ``"Stable Diffusion VAE"``).
+        source: where ``state`` came from (usually a path), named in error messages.
+
+    Returns:
+        The module holding the tensors of ``state``, in eval mode without gradients.
+
+    Raises:
+        DreamPoseError: ``build`` rejects its config, or ``state`` does not fit the module (the message says what
+            is missing, unexpected or of the wrong shape).
     """
     try:
         with _parameters_on_meta():
@@ -143,13 +156,28 @@ def _subfolder(path: str, sub: str, class_name: str) -> str:
                          "single .safetensors checkpoint")
 
 
+def _from_folder(path: str, sub: str, class_name: str, config: dict | None) -> tuple[dict, dict]:
+    """(config, state dict) of a diffusers component: ``path/sub`` of a pipeline folder, or ``path`` itself."""
+    folder = _subfolder(path, sub, class_name)
+    return (clean_config(config or read_config(os.path.join(folder, "config.json"))),
+            read_state_dict(_folder_weights(folder)))
+
+
 def load_base_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
-    """The SD 1.x UNet (4 input channels) from a diffusers folder or an ldm single file."""
+    """The SD 1.x UNet (4 input channels) from a diffusers folder or an ldm single file.
+
+    Args:
+        path: a diffusers pipeline folder (its ``unet/``), a UNet folder, or one ldm ``.safetensors``/``.ckpt``
+            checkpoint (its ``model.diffusion_model.*`` weights).
+        config: a UNet config to build from instead of the folder's ``config.json`` (for a single file: the
+            shipped ``sd15_unet``).
+
+    Returns:
+        A ``UNet2DConditionModel`` in eval mode without gradients, in the file's dtype.
+    """
     require_path(path, "Stable Diffusion 1.x model")
     if os.path.isdir(path):
-        folder = _subfolder(path, "unet", "UNet2DConditionModel")
-        config = clean_config(config or read_config(os.path.join(folder, "config.json")))
-        state = read_state_dict(_folder_weights(folder))
+        config, state = _from_folder(path, "unet", "UNet2DConditionModel", config)
     else:
         config = clean_config(config or shipped_config("sd15_unet"))
         raw = read_state_dict(path, "Stable Diffusion 1.x checkpoint")
@@ -165,13 +193,22 @@ def _is_diffusers_vae(state: dict) -> bool:
 
 
 def load_vae(path: str, config: dict | None = None) -> AutoencoderKL:
-    """SD 1.x VAE from a diffusers folder, an ldm checkpoint/VAE file, or a diffusers-keyed state dict
-    (the authors' ``vae_N.pth``, old attention names accepted)."""
+    """SD 1.x VAE from a diffusers folder, an ldm checkpoint/VAE file, or a diffusers-keyed state dict.
+
+    A diffusers-keyed file is e.g. the authors' ``vae_N.pth``: a leading ``module.`` and the old attention names
+    (``query``/``key``/``value``/``proj_attn``) are accepted.
+
+    Args:
+        path: a diffusers pipeline folder (its ``vae/``), a VAE folder, or one file.
+        config: a VAE config to build from instead of the folder's ``config.json`` (for a single file: the
+            shipped ``sd15_vae``).
+
+    Returns:
+        An ``AutoencoderKL`` in eval mode without gradients, in the file's dtype.
+    """
     require_path(path, "VAE")
     if os.path.isdir(path):
-        folder = _subfolder(path, "vae", "AutoencoderKL")
-        config = clean_config(config or read_config(os.path.join(folder, "config.json")))
-        state = read_state_dict(_folder_weights(folder))
+        config, state = _from_folder(path, "vae", "AutoencoderKL", config)
     else:
         config = clean_config(config or shipped_config("sd15_vae"))
         raw = strip_module_prefix(read_state_dict(path, "VAE file"))
@@ -191,7 +228,19 @@ def _clip_keys_have_prefix() -> bool:
 
 
 def load_clip_vision(path: str, config: dict | None = None) -> CLIPVisionModel:
-    """CLIP vision tower from a folder (``config.json`` + weights) or a single file (ViT-B/32 config)."""
+    """CLIP vision tower from a folder (``config.json`` + weights) or a single file (ViT-B/32 config).
+
+    The weights may use either key layout (``vision_model.*``, also inside a full CLIP model, or bare
+    ``embeddings.*``); they are loaded strictly, so missing weights are an error, not a half-random CLIP.
+
+    Args:
+        path: a transformers folder or one weights file.
+        config: a CLIP vision (or full CLIP) config to build from instead of the folder's ``config.json``; with
+            neither, the shipped ViT-B/32 config (its shapes are still checked strictly against the file).
+
+    Returns:
+        A ``CLIPVisionModel`` in eval mode without gradients, in the file's dtype.
+    """
     require_path(path, "CLIP vision model")
     folder_config = os.path.join(path, "config.json")
     if os.path.isdir(path):
@@ -229,7 +278,16 @@ def load_adapter_state(state: dict[str, torch.Tensor], source: str) -> Embedding
 
 
 def load_authors_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
-    """``unet_epoch_N.pth``: full 14-channel UNet state dict (``module.`` prefix optional)."""
+    """``unet_epoch_N.pth``: full 14-channel UNet state dict (``module.`` prefix optional).
+
+    Args:
+        path: the authors' UNet file.
+        config: an SD 1.x UNet config to build from instead of the shipped ``sd15_unet``; either is widened to 14
+            input channels (their saved configs say 4: docs/official-code.md, quirk #3).
+
+    Returns:
+        The 14-channel ``UNet2DConditionModel`` in eval mode without gradients, in the file's dtype.
+    """
     state = strip_module_prefix(read_state_dict(path, "DreamPose UNet file"))
     if "conv_in.weight" not in state:
         raise DreamPoseError(f"{path}: not the authors' UNet state dict (no conv_in.weight), it looks like "
@@ -239,6 +297,13 @@ def load_authors_unet(path: str, config: dict | None = None) -> UNet2DConditionM
 
 
 def load_authors_adapter(path: str) -> EmbeddingAdapter:
+    """``adapter_N.pth``: the authors' adapter state dict (``vae2clip.*``, ``linear1.*``; ``module.`` optional).
+
+    Its sizes are read from the weights' shapes.
+
+    Returns:
+        An ``EmbeddingAdapter`` in eval mode without gradients, in the file's dtype.
+    """
     return load_adapter_state(read_state_dict(path, "DreamPose adapter file"), path)
 
 
@@ -252,8 +317,17 @@ def _builder(module: torch.nn.Module):
 
 
 def clone_module(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """A copy with its own storage (ordinary tensors, even from inference-mode ones), built without
-    random init, on ``device`` in ``dtype`` (floating tensors only); eval mode, no grad."""
+    """A copy with its own storage (ordinary tensors, even from inference-mode ones), built without random init.
+
+    Args:
+        module: an ``EmbeddingAdapter``, ``UNet2DConditionModel`` or ``AutoencoderKL`` (any other class is a
+            ``TypeError``).
+        device: where the copy goes; default: where each tensor is.
+        dtype: the dtype of the copy's floating tensors (the others keep theirs); default: theirs.
+
+    Returns:
+        The copy, in eval mode without gradients.
+    """
     with torch.inference_mode(False):
         state = {}
         for k, v in module.state_dict().items():

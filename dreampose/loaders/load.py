@@ -17,7 +17,8 @@ from ..configs import clean_config, default_scheduler_config, shipped_config
 from ..errors import DreamPoseError
 from ..files.paths import read_json_config as read_config
 from ..files.paths import require_path
-from ..files.weights import guess_kind, is_ours, is_safetensors, metadata_json, peek_keys, read_metadata, read_state_dict, split_prefix
+from ..files.weights import (guess_kind, is_ours, is_safetensors, metadata_json, peek_keys, read_metadata,
+                             read_state_dict, split_prefix)
 from ..models.bundle import DreamPoseModel, fresh_adapter, save_bundle
 from ..models.unet import expand_conv_in, unet_config_with_pose
 from ..settings import check_convention
@@ -29,14 +30,26 @@ _AUTHORS_UNET = re.compile(r"^unet_epoch_(\d+)\.pth?$")
 
 
 def bundle_has_clip(path: str | None) -> bool:
-    """Whether a DreamPose file carries its own CLIP vision tower (then no separate CLIP is needed)."""
+    """Whether a DreamPose file carries its own CLIP vision tower (then no separate CLIP is needed).
+
+    Reads the safetensors header only: ``True`` when its metadata holds ``clip_config``. ``None``, a folder, a
+    missing file and any file that is not ``.safetensors`` give ``False``.
+    """
     if not path or os.path.isdir(path) or not is_safetensors(path) or not os.path.isfile(path):
         return False
     return "clip_config" in read_metadata(path)
 
 
 def load_bundle_clip(path: str) -> CLIPVisionModel:
-    """The CLIP vision tower embedded in a DreamPose file."""
+    """The CLIP vision tower embedded in a DreamPose file.
+
+    Args:
+        path: one of our ``.safetensors`` files; its ``clip.*`` tensors are loaded strictly, built from the
+            ``clip_config`` of its metadata.
+
+    Returns:
+        A ``CLIPVisionModel`` in eval mode without gradients, in the file's dtype.
+    """
     cfg = metadata_json(read_metadata(path), "clip_config", path)
     if cfg is None:
         raise DreamPoseError(f"{path}: carries no CLIP vision model; give CLIP ViT-B/32 separately")
@@ -88,7 +101,22 @@ def _check_role(path: str | None, role: str) -> None:
 
 
 def load_dreampose_file(path: str, unet_config: dict | None = None):
-    """Our format → (unet, adapter, vae or None, metadata)."""
+    """Our format → ``(unet, adapter, vae or None, metadata)``.
+
+    Args:
+        path: one of our ``.safetensors`` files (``unet.*``, ``adapter.*``, optional ``vae.*`` tensors).
+        unet_config: a UNet config to build from instead of the file's ``unet_config`` (or, without one, the
+            shipped ``sd15_unet``); either is widened to the 14 input channels. The VAE is built from the file's
+            ``vae_config`` (or the shipped ``sd15_vae``).
+
+    Returns:
+        ``(unet, adapter, vae, metadata)``: the networks in eval mode without gradients, in the file's dtype;
+        ``vae`` is ``None`` when the file has no ``vae.*`` tensors; ``metadata`` is the header's dict of strings.
+
+    Raises:
+        DreamPoseError: the file has no DreamPose metadata, or it is a LoRA or VAE-decoder subject finetune (a
+            delta that goes on a base model, not a whole model).
+    """
     meta = read_metadata(path)
     if not is_ours(meta):
         raise DreamPoseError(f"{path}: a .safetensors file without DreamPose metadata; for the authors' files "
@@ -194,20 +222,42 @@ def _base_scheduler_config(base: str | None) -> dict | None:
     return read_config(path) if path and os.path.isfile(path) else None
 
 
-def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, base: str | None = None, vae: str | None = None,
+def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, base: str | None = None,
+                   vae: str | None = None,
                    adapter: str | None = None, convention: str | None = None, unet_config: dict | None = None,
                    vae_config: dict | None = None, clip_config: dict | None = None,
                    subject=None) -> DreamPoseModel:
     """Assemble a DreamPose model.
 
-    ``dreampose``: our ``.safetensors`` or the authors' ``unet_epoch_N.pth`` (its ``adapter_N.pth``
-    is found beside it unless ``adapter`` is given); ``None`` builds a fresh model from ``base``.
-    ``vae``: a VAE file/folder (e.g. the authors' ``vae_N.pth``); otherwise the DreamPose file's own
-    VAE, otherwise ``base``'s. ``convention``: ``None`` takes the checkpoint's (authors' → official).
-    Scheduler: the one saved in our file, else ``base``'s ``scheduler/``, else SD 1.x's PNDM.
-    ``clip``: may be left out when our file embeds its own CLIP (``save_bundle(clip=...)``).
-    ``subject``: one or more saved subject finetunes (full or LoRA UNet+adapter, VAE decoder),
-    applied in order on top (``finetune.apply_subject``).
+    Every path is checked to exist and to fit its role first, from file headers only, so a wrong file is
+    reported before any weights are loaded.
+
+    Args:
+        clip: CLIP ViT-B/32 vision model, a folder or one file; may be left out when our file embeds its own CLIP
+            (``save_bundle(clip=...)``).
+        dreampose: our ``.safetensors`` or the authors' ``unet_epoch_N.pth`` (its ``adapter_N.pth`` is found beside
+            it unless ``adapter`` is given); ``None`` builds a fresh model from ``base``.
+        base: Stable Diffusion 1.x, a diffusers folder or one ldm ``.safetensors``/``.ckpt``: what a fresh model is
+            built from, and where the VAE and the scheduler come from when the DreamPose file has none.
+        vae: a VAE file/folder (e.g. the authors' ``vae_N.pth``); otherwise the DreamPose file's own VAE, otherwise
+            ``base``'s.
+        adapter: the authors' ``adapter_N.pth``, to use instead of the one beside their UNet file.
+        convention: ``official`` or ``standard``; ``None`` takes the checkpoint's (ours: its metadata, else
+            ``standard``; the authors' → ``official``; a fresh model: ``standard``).
+        unet_config: a UNet config to build from instead of the one that comes with the weights (or the shipped
+            SD 1.x one).
+        vae_config, clip_config: the same for a VAE loaded from ``vae``/``base`` and for ``clip`` (parts embedded in
+            our file are built from its metadata).
+        subject: one or more saved subject finetunes (full or LoRA UNet+adapter, VAE decoder), applied in order on
+            top (:func:`~dreampose.loaders.subject_file.apply_subject`).
+
+    Returns:
+        A :class:`~dreampose.models.bundle.DreamPoseModel` whose parts are checked to fit each other. Scheduler: the
+        one saved in our file, else ``base``'s ``scheduler/``, else SD 1.x's PNDM.
+
+    Raises:
+        DreamPoseError: a path that is missing or given for the wrong input (named in the message), no CLIP, a
+            subject that is not a subject file, or parts that do not fit each other.
     """
     subjects = _subject_list(subject)
     ours, adapter = _resolve(clip, dreampose, base, vae, adapter, convention, subjects)
@@ -244,7 +294,19 @@ def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, bas
 def convert_authors_checkpoint(unet_path: str, out_path: str, adapter_path: str | None = None,
                                vae_path: str | None = None, unet_config: dict | None = None,
                                vae_config: dict | None = None) -> str:
-    """Authors' ``unet_epoch_N.pth`` (+ ``adapter_N.pth``, optional ``vae_N.pth``) → our safetensors."""
+    """Authors' ``unet_epoch_N.pth`` (+ ``adapter_N.pth``, optional ``vae_N.pth``) → our safetensors.
+
+    Args:
+        unet_path: the authors' ``unet_epoch_N.pth``.
+        out_path: the ``.safetensors`` file to write (atomically).
+        adapter_path: their ``adapter_N.pth``; default: the one of the same epoch beside ``unet_path``.
+        vae_path: a VAE file/folder to embed (e.g. their ``vae_N.pth``); default: none, and loading the file then
+            needs a VAE or a base model.
+        unet_config, vae_config: configs to build from instead of the shipped SD 1.x ones (or a VAE folder's own).
+
+    Returns:
+        ``out_path``. The file records ``convention: official`` and the UNet file's name as ``source``.
+    """
     require_path(unet_path, "The authors' UNet file (unet_epoch_N.pth)", file=True)
     if adapter_path:
         require_path(adapter_path, "DreamPose adapter", hint="The authors' adapter_N.pth sits beside unet_epoch_N.pth.")

@@ -29,7 +29,8 @@ from ..configs import clean_config
 from ..errors import DreamPoseError
 from ..files.atomic import atomic_save_safetensors
 from ..files.paths import require_path
-from ..files.weights import format_metadata, is_ours, is_safetensors, metadata_json, read_metadata, read_state_dict, split_prefix
+from ..files.weights import (format_metadata, is_ours, is_safetensors, metadata_json, read_metadata, read_state_dict,
+                             split_prefix)
 from ..models.bundle import adapter_config
 from ..models.devices import module_place
 from ..models.fingerprint import fingerprints_match, weights_fingerprint
@@ -57,10 +58,25 @@ def describe_base(model) -> str:
 def save_subject(model, path: str, *, kind: str, settings, cache_key: str, base=None, lora: bool = False) -> str:
     """Write ``model``'s finetuned part atomically (temp file, then rename); returns ``path``.
 
-    ``kind``: ``subject`` (UNet+adapter; ``lora=True`` writes only the LoRA delta + adapter, which
-    needs the model to come from a LoRA finetune) or ``vae`` (decoder only). ``base``: the base
-    model's name, or the base DreamPoseModel (named from its files); default: what the finetune
-    recorded.
+    Args:
+        model: the finetuned :class:`~dreampose.models.bundle.DreamPoseModel`.
+        path: the file to write, ending in ``.safetensors``.
+        kind: ``subject`` (UNet+adapter) or ``vae`` (decoder only, always full).
+        settings: the :class:`~dreampose.settings.FinetuneSettings` of the finetune (``None``: the kind's
+            defaults), recorded in the metadata.
+        cache_key: the finetune's :func:`~dreampose.training.finetune.subject_cache_key`, recorded so that
+            :func:`find_cached_subject` finds the file.
+        base: the base model's name, or the base DreamPoseModel (named from its files); default: named from
+            ``model``'s record (the base its UNet+adapter finetune recorded, else the files it came from).
+        lora: with ``kind="subject"``, write only the LoRA delta + adapter, which needs the model to come from a
+            LoRA finetune (or a LoRA subject file); ``False`` writes the whole UNet + adapter.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        DreamPoseError: ``path`` does not end in ``.safetensors`` or is a folder, ``lora`` with ``kind="vae"``, or
+            ``lora`` for a model that holds no LoRA delta.
     """
     check_kind(kind)
     settings = check_settings(settings, kind)
@@ -100,6 +116,13 @@ def find_cached_subject(folder: str, cache_key: str) -> str | None:
     """A ``.safetensors`` file directly in ``folder`` whose metadata ``cache_key`` matches, else None.
 
     Only headers are read; unreadable files and temp files of an interrupted save are skipped.
+
+    Args:
+        folder: the folder to search (not its subfolders); ``None``, empty or missing finds nothing.
+        cache_key: the key to match (:func:`~dreampose.training.finetune.subject_cache_key`); empty finds nothing.
+
+    Returns:
+        The path of the first of our files, in name order, whose key matches, or ``None``.
     """
     if not folder or not os.path.isdir(folder) or not cache_key:
         return None
@@ -119,7 +142,17 @@ def find_cached_subject(folder: str, cache_key: str) -> str | None:
 # ------------------------------------------------------------------------------------------ applying
 
 def read_subject_header(path: str) -> dict:
-    """The metadata of a subject file, checked to be one (header only: cheap)."""
+    """The metadata of a subject file, checked to be one (header only: cheap).
+
+    A plain DreamPose file (from ``convert``, or older; no ``mode`` and no subject ``finetuned`` value) is usable
+    as a full UNet+adapter subject: its metadata comes back with ``finetuned: unet+adapter`` and ``mode: full``.
+
+    Returns:
+        The header's metadata, a dict of strings.
+
+    Raises:
+        DreamPoseError: the file is missing, is not ``.safetensors`` or has no DreamPose metadata.
+    """
     require_path(path, "subject finetune", file=True)
     if not is_safetensors(path):
         raise DreamPoseError(f"{path}: a subject finetune is one of our .safetensors files")
@@ -141,11 +174,25 @@ def is_delta_file(meta: dict) -> bool:
 def apply_subject(model, path: str, *, inplace: bool = False, check_base: bool = True):
     """``model`` with a saved subject finetune applied; a new model unless ``inplace``.
 
-    Full UNet+adapter files replace both networks; LoRA files merge their delta into (a copy of) the
-    UNet, after checking it is the base they were trained on (``check_base``), and replace the
-    adapter; VAE decoder files replace the decoder weights (of a copy of the VAE). The finetuned
-    parts keep the dtype and device of the parts they replace. The conditioning convention of a
-    UNet+adapter subject must be the model's: training used it.
+    Full UNet+adapter files replace both networks; LoRA files merge their delta into (a copy of) the UNet, after
+    checking it is the base they were trained on, and replace the adapter; VAE decoder files replace the decoder
+    weights (of a copy of the VAE). The finetuned parts keep the dtype and device of the parts they replace. The
+    conditioning convention of a UNet+adapter subject must be the model's: training used it.
+
+    Args:
+        model: a :class:`~dreampose.models.bundle.DreamPoseModel`.
+        path: a subject file (:func:`save_subject`), or a plain DreamPose file (a full UNet+adapter subject).
+        inplace: change ``model`` itself instead of a shallow copy; then the LoRA merge and the decoder weights go
+            into its own UNet and VAE, not into copies.
+        check_base: for a LoRA file that records its base's fingerprint, refuse a UNet that does not match it.
+
+    Returns:
+        The model with the subject applied (``model`` itself when ``inplace``, else a copy sharing the untouched
+        parts); its ``info`` adds ``path`` to ``subjects`` and records what was finetuned.
+
+    Raises:
+        DreamPoseError: ``path`` is not a subject file, lacks the weights its kind needs or does not fit the model,
+            was finetuned in another convention, or (``check_base``) is a LoRA trained on other weights.
     """
     meta = read_subject_header(path)
     finetuned, mode = meta.get("finetuned"), meta.get("mode")

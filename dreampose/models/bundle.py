@@ -47,7 +47,8 @@ class DreamPoseModel:
         if clip_cfg.hidden_size != self.adapter.clip_width or tokens != self.adapter.clip_tokens:
             raise DreamPoseError(
                 f"the CLIP vision model gives {tokens} tokens of width {clip_cfg.hidden_size}, the adapter expects "
-                f"{self.adapter.clip_tokens}×{self.adapter.clip_width}: use CLIP ViT-B/32 (openai/clip-vit-base-patch32)")
+                f"{self.adapter.clip_tokens}×{self.adapter.clip_width}: use CLIP ViT-B/32 "
+                "(openai/clip-vit-base-patch32)")
         if self.unet.config.cross_attention_dim != self.adapter.clip_width:
             raise DreamPoseError(f"the UNet's cross-attention width {self.unet.config.cross_attention_dim} does not "
                                  f"match the adapter's {self.adapter.clip_width}: the UNet is not Stable Diffusion 1.x")

@@ -27,7 +27,8 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise DreamPoseError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise DreamPoseError(f"device {name!r} asked for, but this PyTorch build sees no CUDA GPU; use --device cpu")
+            raise DreamPoseError(f"device {name!r} asked for, but this PyTorch build sees no CUDA GPU; use "
+                                 "--device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise DreamPoseError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

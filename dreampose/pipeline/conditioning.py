@@ -82,9 +82,9 @@ def encode_image_condition(model, image: torch.Tensor, *, latent_mode: str = "sa
     key_lat = vae_latent(model.vae, key_in, latent_mode, generator)
     null_lat = vae_latent(model.vae, null_in, latent_mode, generator)
     ad_param = next(model.adapter.parameters())
-    cond = model.adapter(clip_tokens[:1].to(ad_param.device, ad_param.dtype), key_lat.to(ad_param.device, ad_param.dtype))
-    uncond = model.adapter(clip_tokens[1:].to(ad_param.device, ad_param.dtype),
-                           null_lat.to(ad_param.device, ad_param.dtype))
+    place = {"device": ad_param.device, "dtype": ad_param.dtype}
+    cond = model.adapter(clip_tokens[:1].to(**place), key_lat.to(**place))
+    uncond = model.adapter(clip_tokens[1:].to(**place), null_lat.to(**place))
     return ImageCondition(cond, uncond, key_u8, convention)
 
 

@@ -24,14 +24,34 @@ _NPY_NAME = re.compile(r"^frame_(\d+)_densepose\.npy$")
 
 
 def window_indices(num_frames: int, offsets: tuple[int, ...] = WINDOW_OFFSETS) -> torch.Tensor:
-    """``[F,len(offsets)]`` source frame for each window slot; outside the sequence → the centre frame."""
+    """``[F,len(offsets)]`` source frame for each window slot; outside the sequence → the centre frame.
+
+    Args:
+        num_frames: ``F``, the length of the pose sequence.
+        offsets: each slot's offset from the centre frame, ``(-2, -1, 0, 1, 2)``.
+
+    Returns:
+        A ``[F,len(offsets)]`` int64 tensor of frame indices.
+    """
     centre = torch.arange(num_frames).unsqueeze(1)
     idx = centre + torch.tensor(offsets).unsqueeze(0)
     return torch.where((idx >= 0) & (idx < num_frames), idx, centre)
 
 
 def check_uv(uv: torch.Tensor) -> torch.Tensor:
-    """Accept ``[2,H,W]`` or ``[F,2,H,W]``; return ``[F,2,H,W]`` float32 or raise a clear error."""
+    """Accept ``[2,H,W]`` or ``[F,2,H,W]``; return ``[F,2,H,W]`` float32 or raise a clear error.
+
+    Args:
+        uv: DensePose UV (U then V), a tensor or anything ``numpy.asarray`` takes; one frame ``[2,H,W]`` gets a
+            frame axis.
+
+    Returns:
+        ``[F,2,H,W]`` float32, on the input's device.
+
+    Raises:
+        DreamPoseError: another shape (e.g. a 3-channel IUV picture or a coloured DensePose visualisation), no
+            frames, or NaN or infinite values.
+    """
     if not isinstance(uv, torch.Tensor):
         uv = torch.as_tensor(np.asarray(uv))
     if uv.ndim == 3:
@@ -82,8 +102,17 @@ def load_uv_file(path: str) -> torch.Tensor:
 def load_uv_folder(folder: str, start: int = 0, count: int = 0) -> torch.Tensor:
     """A folder of ``frame_N_densepose.npy`` → ``[F,2,H,W]``, frames in numeric order (not name order).
 
-    Frames are neighbours by their position in the sorted list, so a folder numbered with a stride
-    still gets real neighbours (the official code silently fell back to the centre pose there).
+    Frames are neighbours by their position in the sorted list, so a folder numbered with a stride still gets
+    real neighbours (the official code silently fell back to the centre pose there: docs/official-code.md,
+    quirk #11). Files are read without unpickling; other files in the folder are ignored.
+
+    Args:
+        folder: the pose folder.
+        start: how many of the sorted frames to skip.
+        count: how many frames to take from there; 0 or less: all the rest.
+
+    Returns:
+        ``[F,2,H,W]`` float32 on the CPU (float64 files are converted).
     """
     files = select_range(list_uv_files(folder), start, count, folder)
     frames = [load_uv_file(p) for p in files]
@@ -111,8 +140,20 @@ def prepare_frame_folder(folder: str, pattern: re.Pattern, overwrite: bool) -> N
 
 
 def save_uv_folder(folder: str, uv: torch.Tensor, start: int = 0, overwrite: bool = False) -> list[str]:
-    """``[F,2,H,W]`` UV → ``frame_N_densepose.npy`` files (N = start, start+1, …), each a float32
-    ``(2, H, W)`` array: the authors' layout (theirs were float64; :func:`load_uv_folder` reads both)."""
+    """``[F,2,H,W]`` UV → ``frame_N_densepose.npy`` files (N = start, start+1, …), the authors' layout.
+
+    Each file is a float32 ``(2, H, W)`` array (theirs were float64; :func:`load_uv_folder` reads both).
+
+    Args:
+        folder: where to write; created if needed.
+        uv: DensePose UV ``[F,2,H,W]`` (or one frame ``[2,H,W]``), on any device.
+        start: ``N`` of the first file, 0 or more.
+        overwrite: remove the ``frame_N_densepose.npy`` files already in ``folder`` (only those) first; without
+            it, a folder holding any is refused.
+
+    Returns:
+        The paths written, in frame order.
+    """
     uv = check_uv(uv).detach().cpu()
     if start < 0:
         raise DreamPoseError(f"the first frame number must be 0 or more, got {start}")
@@ -151,7 +192,18 @@ def make_pose_windows(uv: torch.Tensor, height: int = 640, width: int = 512,
                       offsets: tuple[int, ...] = WINDOW_OFFSETS) -> PoseWindows:
     """UV ``[F,2,H,W]`` at any size → :class:`PoseWindows` for an output of ``height×width`` pixels.
 
-    ``offsets`` picks the window; ``(0,0,0,0,0)`` gives the paper's 1-pose ablation.
+    As in the official pipeline, each pose is resized bilinearly to the output size, mapped to −1..1 by
+    ``(x−0.5)/0.5``, then sampled to latent size by nearest interpolation.
+
+    Args:
+        uv: DensePose UV ``[F,2,H,W]`` (or one frame ``[2,H,W]``), U then V, 0 on the background, any size.
+        height, width: the output size in pixels, multiples of 64 (the latent is ``height/8 × width/8``).
+        offsets: picks the window, five offsets from the centre frame; ``(0,0,0,0,0)`` gives the paper's 1-pose
+            ablation.
+
+    Returns:
+        A :class:`PoseWindows`: the normalised UV ``[F,2,height/8,width/8]`` float32 on ``uv``'s device and the
+        ``[F,5]`` window table.
     """
     check_output_size(height, width)
     uv = check_uv(uv)

@@ -41,7 +41,17 @@ def to_uint8(frames) -> np.ndarray:
 
 
 def save_png_frames(frames, folder: str, pattern: str = FRAME_PATTERN, start: int = 0) -> list[str]:
-    """One PNG per frame, ``frame_0000.png`` …; returns the paths."""
+    """One PNG per frame, ``frame_0000.png`` …; returns the paths.
+
+    Args:
+        frames: ``[F,H,W,3]`` (or one ``[H,W,3]``) RGB, float 0..1 (clipped) or uint8, torch or numpy.
+        folder: where to write; created if needed. Files are written under their final names.
+        pattern: the file name, formatted with the frame number.
+        start: the number of the first frame.
+
+    Returns:
+        The paths written, in frame order.
+    """
     video = to_uint8(frames)
     os.makedirs(folder, exist_ok=True)
     paths = []
@@ -54,7 +64,16 @@ def save_png_frames(frames, folder: str, pattern: str = FRAME_PATTERN, start: in
 
 
 def write_mp4(frames, path: str, fps: float = 30.0) -> str:
-    """Encode frames as MPEG-4 part 2 (``mp4v``, playable without extra codecs); atomic rename."""
+    """Encode frames as MPEG-4 part 2 (``mp4v``, playable without extra codecs); atomic rename.
+
+    Args:
+        frames: ``[F,H,W,3]`` (or one ``[H,W,3]``) RGB, float 0..1 (clipped) or uint8, torch or numpy.
+        path: the video to write; its folder is created if needed.
+        fps: frames per second, a positive number.
+
+    Returns:
+        ``path``.
+    """
     if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
         raise DreamPoseError(f"fps must be a positive number, got {fps!r}")
     video = to_uint8(frames)
@@ -75,7 +94,17 @@ def write_mp4(frames, path: str, fps: float = 30.0) -> str:
 
 
 def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreampose.mp4") -> tuple[list[str], str]:
-    """PNG frames and the MP4 in ``folder``; returns (png paths, mp4 path)."""
+    """PNG frames and the MP4 in ``folder``; returns (png paths, mp4 path).
+
+    Args:
+        frames: ``[F,H,W,3]`` (or one ``[H,W,3]``) RGB, float 0..1 (clipped) or uint8, torch or numpy.
+        folder: where both go; the PNGs are ``frame_0000.png`` … from 0.
+        fps: the video's frame rate.
+        video_name: the MP4's file name in ``folder``.
+
+    Returns:
+        ``(png_paths, mp4_path)``.
+    """
     video = to_uint8(frames)
     pngs = save_png_frames(video, folder)
     mp4 = write_mp4(video, os.path.join(folder, video_name), fps)
@@ -83,7 +112,16 @@ def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreamp
 
 
 def write_gif(frames, path: str, fps: float = 8.0) -> str:
-    """An animated GIF (loops forever; shows inline on GitHub and in most viewers); atomic rename."""
+    """An animated GIF (loops forever; shows inline on GitHub and in most viewers); atomic rename.
+
+    Args:
+        frames: ``[F,H,W,3]`` (or one ``[H,W,3]``) RGB, float 0..1 (clipped) or uint8, torch or numpy.
+        path: the GIF to write.
+        fps: frames per second; each frame shows for ``round(1000 / fps)`` ms, at least 1.
+
+    Returns:
+        ``path``.
+    """
     video = to_uint8(frames)
     with atomic_output(path, ".gif", mode=0o666) as tmp:
         images = [Image.fromarray(f) for f in video]

@@ -2,7 +2,7 @@
 
 The paper augments "the image-and-pose pair at each step, such as by adding random cropping"
 (§4.3). The authors' finetune script cropped only the pose while the loss target stayed the
-un-cropped photo (official-code-notes.md §6, quirk #19), which teaches the UNet a pose that is
+un-cropped photo (docs/official-code.md §6, quirk #19), which teaches the UNet a pose that is
 displaced from the picture. Here one crop box (and one flip decision) is drawn per sample and
 applied to both tensors, which are at the same (training) size, so pixel (y, x) of the photo and
 pixel (y, x) of the pose always describe the same point of the body.

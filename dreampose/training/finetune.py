@@ -142,12 +142,23 @@ def _pose_list(uv, count: int) -> list[torch.Tensor]:
 
 
 def subject_cache_key(model, images, uv, settings, kind: str) -> str:
-    """sha256 of photos, poses, the weights the finetune starts from and uses, convention, schedule,
-    settings (all but ``gradient_checkpointing``, which recomputes the same numbers) and the
-    algorithm version: a saved finetune with this key is this very finetune.
+    """sha256 of all that decides a finetune's result: a saved finetune with this key is this very finetune.
 
-    ``kind``: ``subject`` (UNet+adapter: hashes UNet, adapter, VAE and CLIP, all of which take part)
-    or ``vae`` (decoder: hashes the VAE only; ``uv`` is ignored).
+    Hashed: photos, poses, the weights the finetune starts from and uses, convention and schedule (``subject``
+    only), settings (all but ``gradient_checkpointing``, which recomputes the same numbers) and the algorithm
+    version. Photos and poses are hashed in a canonical form, so a batch tensor and a list of the same photos (a
+    node and the command line) give the same key.
+
+    Args:
+        model: the model the finetune starts from.
+        images: the subject photos, as :func:`finetune_subject` takes them.
+        uv: their DensePose UV, one frame per photo, as :func:`finetune_subject` takes it.
+        settings: the :class:`~dreampose.settings.FinetuneSettings` (``None``: the kind's defaults).
+        kind: ``subject`` (UNet+adapter: hashes UNet, adapter, VAE and CLIP, all of which take part) or ``vae``
+            (decoder: hashes the VAE only; ``uv`` is ignored).
+
+    Returns:
+        The hex digest, 64 characters.
     """
     check_kind(kind)
     settings = check_settings(settings, kind)
@@ -355,11 +366,25 @@ def _extract_lora(unet, settings: FinetuneSettings, base_fingerprint, base_diges
 
 def finetune_subject(model, images, uv, settings: FinetuneSettings | None = None, *, device=None,
                      callback: Callback | None = None):
-    """Finetune UNet + adapter on subject photos ``images`` (``[N,3,H,W]`` 0..1, any size, or a list of
-    ``[3,H,W]``) with their DensePose ``uv`` (``[N,2,h,w]``, one per photo); returns a NEW model.
+    """Finetune UNet + adapter on subject photos with their DensePose; returns a NEW model.
 
-    ``device``: where to train (default: where the UNet is). ``callback(step, total, loss)`` after
-    every optimizer step; raising from it cancels (nothing is returned or saved).
+    The input model is not changed: the UNet and adapter are trained as fp32 copies on the training device.
+
+    Args:
+        model: the :class:`~dreampose.models.bundle.DreamPoseModel` to start from.
+        images: the subject photos, ``[N,3,H,W]`` 0..1 (uint8 is divided by 255), any size, or a list of
+            ``[3,H,W]``.
+        uv: their DensePose UV, ``[N,2,h,w]`` (or a list of ``[2,h,w]``), one per photo, in the same order.
+        settings: a :class:`~dreampose.settings.FinetuneSettings` (``None``: the authors' finetune);
+            ``lora_rank > 0`` trains a LoRA of the UNet's attention projections instead of the whole UNet.
+        device: where to train (default: where the UNet is).
+        callback: ``callback(step, total, loss)`` after every optimizer step; raising from it cancels (nothing is
+            returned or saved).
+
+    Returns:
+        A new :class:`~dreampose.models.bundle.DreamPoseModel`: the finetuned UNet (a LoRA merged in, and
+        remembered for ``save_subject(lora=True)``) and adapter in the dtype and on the device of the ones they
+        replace, the VAE and CLIP shared with ``model``; its ``info`` records the finetune.
     """
     settings = check_settings(settings, "subject")
     _require_optimizer(settings)
@@ -447,12 +472,24 @@ def _vae_loss(vae, x: torch.Tensor, generator, device, precision: str) -> torch.
 
 def finetune_vae_decoder(model, images, settings: FinetuneSettings | None = None, *, device=None,
                          callback: Callback | None = None):
-    """Finetune the VAE decoder alone (encoder, quant_conv, post_quant_conv frozen, as the authors) to
-    reconstruct the subject photos; returns a NEW model sharing everything but the VAE.
+    """Finetune the VAE decoder alone to reconstruct the subject photos; returns a NEW model sharing all but the VAE.
 
-    Targets: the augmented photos in −1..1 (what ``decode_latents`` maps to 0..1, in both conventions:
-    the convention only concerns the conditioning path), or 0..1 with ``decoder_range="0_1"``.
-    Draws per step: (a permutation when a pass starts), each sample's augmentation, the latent sample.
+    The encoder, ``quant_conv`` and ``post_quant_conv`` stay frozen, as the authors'. Targets: the augmented
+    photos in −1..1 (what decoding maps to 0..1, in both conventions: the convention only concerns the
+    conditioning path), or 0..1 with ``decoder_range="0_1"``. Draws per step: (a permutation when a pass
+    starts), each sample's augmentation, the latent sample.
+
+    Args:
+        model: the :class:`~dreampose.models.bundle.DreamPoseModel` to start from (not changed).
+        images: the subject photos, as :func:`finetune_subject` takes them.
+        settings: a :class:`~dreampose.settings.FinetuneSettings` (``None``:
+            :func:`~dreampose.settings.vae_settings`, the authors' decoder finetune).
+        device: where to train (default: where the VAE is).
+        callback: ``callback(step, total, loss)`` after every optimizer step; raising from it cancels.
+
+    Returns:
+        A new :class:`~dreampose.models.bundle.DreamPoseModel` whose VAE, in the dtype and on the device of the
+        old one, has the finetuned decoder; its ``info`` records the finetune.
     """
     settings = check_settings(settings or vae_settings(), "vae")
     _require_optimizer(settings)
@@ -488,8 +525,22 @@ def finetune_vae_decoder(model, images, settings: FinetuneSettings | None = None
 
 def subject_loss(model, images, uv, settings: FinetuneSettings | None = None, *, seed: int = 1234,
                  timesteps: Sequence[int] = (50, 250, 500, 750, 950), device=None) -> float:
-    """Mean ε-MSE of ``model`` on the un-augmented photos at fixed timesteps and seeded noise, no
-    dropout: a fair before/after comparison (the training loss is noisy, it draws t at random)."""
+    """Mean ε-MSE of ``model`` on the un-augmented photos at fixed timesteps and seeded noise, no dropout.
+
+    A fair before/after comparison (the training loss is noisy, it draws t at random). The model's networks
+    are used as they are, without autocast.
+
+    Args:
+        model, images, uv: as :func:`finetune_subject`.
+        settings: only its ``height`` and ``width`` (the size photos and poses are resized to) matter; its
+            dropout is ignored. Default: the subject finetune's.
+        seed: seed of the noise draws.
+        timesteps: the DDPM timesteps every photo is evaluated at.
+        device: where to compute (default: where the UNet is).
+
+    Returns:
+        The mean loss over every photo and timestep.
+    """
     settings = check_settings(replace(settings or FinetuneSettings(), dropout=0.0), "subject")
     with torch.inference_mode(False), torch.no_grad():
         photos = _image_list(images)
@@ -509,7 +560,21 @@ def subject_loss(model, images, uv, settings: FinetuneSettings | None = None, *,
 
 def vae_reconstruction_loss(model, images, settings: FinetuneSettings | None = None, *, seed: int = 1234,
                             device=None) -> float:
-    """Mean decoder MSE on the un-augmented photos with a seeded latent sample."""
+    """Mean decoder MSE on the un-augmented photos with a seeded latent sample.
+
+    All photos go through the VAE in one batch, where it is and in its dtype; reconstruction and target are
+    clamped to −1..1.
+
+    Args:
+        model, images: as :func:`finetune_vae_decoder`.
+        settings: its ``height`` and ``width`` (the size photos are resized to) and ``decoder_range`` (the
+            target's range). Default: :func:`~dreampose.settings.vae_settings`.
+        seed: seed of the latent sample.
+        device: not used: the computation runs where the VAE is.
+
+    Returns:
+        The mean squared error.
+    """
     settings = check_settings(settings or vae_settings(), "vae")
     with torch.inference_mode(False), torch.no_grad():
         photos = _image_list(images)

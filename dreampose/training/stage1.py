@@ -527,12 +527,22 @@ def _trim_log(path: str, step: int) -> None:
 
 def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Callable[[dict, int], None] = True
           ) -> TrainResult:
-    """Run (or continue) stage-1 training; see the module docstring. Saves under ``config.out``:
-    ``checkpoints/step_N/`` (the last ``keep``), ``dreampose_step_N.safetensors`` at every save,
-    ``dreampose.safetensors`` at the end, ``train_log.jsonl``.
+    """Run (or continue) stage-1 training; see the module docstring.
 
-    ``progress``: True logs a line per logged step through ``log``; a callable ``progress(record,
-    total_steps)`` gets each ``train_log.jsonl`` record instead (the command line drives a bar with it).
+    Saves under ``config.out``: ``checkpoints/step_N/`` (the last ``keep``), ``dreampose_step_N.safetensors``
+    at every save, ``dreampose.safetensors`` at the end, ``train_log.jsonl``.
+
+    Args:
+        config: the run (:class:`~dreampose.settings.TrainConfig`). ``config.resume`` continues a saved run,
+            which must be the same run (``RESUME_KEYS``); without it, an ``out`` folder that already holds
+            checkpoints is refused.
+        log: where messages go, on the main process only (default: ``print``).
+        progress: True logs a line per logged step through ``log``; a callable ``progress(record, total_steps)``
+            gets each ``train_log.jsonl`` record instead (the command line drives a bar with it); False: neither.
+
+    Returns:
+        A :class:`TrainResult`: the model holding the trained UNet and adapter, the step counts, the final
+        file's path (main process only), this run's losses and time.
     """
     from accelerate import PartialState
 
