@@ -133,3 +133,19 @@ def object_info_checks(oi: dict, input_order: dict, outputs: dict) -> None:
             assert spec[1].get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
         assert info["output"] == outputs[node_id]
         assert all(t and t.strip() for t in info["output_tooltips"]), node_id
+
+
+def host_probe(code: str, tmp_path: Path, *flags: str) -> dict:
+    """Run ``code`` inside a real ComfyUI (tests/comfy_host/probe.py) and return the JSON it prints last.
+
+    The code sees ``pack`` (the pack imported as the package ``dreampose_pack``: the library is
+    ``dreampose_pack.dreampose``); ``flags`` are ComfyUI command-line flags such as ``--lowvram``.
+    """
+    script = tmp_path / f"probe_{abs(hash(code)) % 10**8}.py"
+    script.write_text(code)
+    cmd = [sys.executable, str(HOST / "probe.py"), "--comfy", COMFY_DIR, "--pack", str(ROOT), str(script)]
+    cmd += [f"--flag={f}" for f in flags]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if proc.returncode != 0:
+        raise AssertionError(f"probe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

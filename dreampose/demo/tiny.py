@@ -31,6 +31,10 @@ TINY_VAE = {
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "scaling_factor": 0.18215,
 }
+# The same networks in the widths ComfyUI's own UNet and VAE code can compute (it hard-codes
+# GroupNorm(32)), for the tests of the native route: core and diffusers then give the same numbers.
+TINY_CORE_UNET = {**TINY_UNET, "norm_num_groups": 32}
+TINY_CORE_VAE = {**TINY_VAE, "block_out_channels": [32, 32, 32, 32], "norm_num_groups": 32}
 TINY_CLIP = {
     "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
     "image_size": 224, "patch_size": 32, "projection_dim": 32, "hidden_act": "quick_gelu",
@@ -43,12 +47,12 @@ def _seeded(seed: int, build):
         return build().eval().requires_grad_(False)
 
 
-def tiny_base_unet(seed: int = 0) -> UNet2DConditionModel:
-    return _seeded(seed, lambda: UNet2DConditionModel(**TINY_UNET))
+def tiny_base_unet(seed: int = 0, core: bool = False) -> UNet2DConditionModel:
+    return _seeded(seed, lambda: UNet2DConditionModel(**(TINY_CORE_UNET if core else TINY_UNET)))
 
 
-def tiny_vae(seed: int = 1) -> AutoencoderKL:
-    return _seeded(seed, lambda: AutoencoderKL(**TINY_VAE))
+def tiny_vae(seed: int = 1, core: bool = False) -> AutoencoderKL:
+    return _seeded(seed, lambda: AutoencoderKL(**(TINY_CORE_VAE if core else TINY_VAE)))
 
 
 def tiny_clip(seed: int = 2) -> CLIPVisionModel:
@@ -65,7 +69,8 @@ def perturb_pose_weights(unet: UNet2DConditionModel, seed: int = 3, scale: float
     return unet
 
 
-def tiny_dreampose(seed: int = 0, pose_sensitive: bool = True, convention: str = "standard") -> DreamPoseModel:
+def tiny_dreampose(seed: int = 0, pose_sensitive: bool = True, convention: str = "standard",
+                   core: bool = False) -> DreamPoseModel:
     """A whole tiny DreamPose in memory (base UNet expanded to 14 channels, fresh adapter).
 
     Random weights, reproducible from ``seed``; the global RNG is left as it was.
@@ -76,13 +81,15 @@ def tiny_dreampose(seed: int = 0, pose_sensitive: bool = True, convention: str =
             weight, so the output depends on them as a trained model's does; ``False`` leaves both at zero, as in
             a fresh DreamPose.
         convention: the conditioning convention, ``standard`` or ``official``.
+        core: 32-group norms (UNet) and 32-channel VAE levels, which ComfyUI's own UNet and VAE code can
+            compute, for the native route.
 
     Returns:
         A :class:`~dreampose.models.bundle.DreamPoseModel` with SD 1.x's scheduler config and ``info``
         ``{"tiny": True}``.
     """
     clip = tiny_clip(seed + 2)
-    unet = expand_conv_in(tiny_base_unet(seed))
+    unet = expand_conv_in(tiny_base_unet(seed, core))
     if pose_sensitive:
         perturb_pose_weights(unet, seed + 3)
         adapter = fresh_adapter(clip, seed + 4)
@@ -91,7 +98,7 @@ def tiny_dreampose(seed: int = 0, pose_sensitive: bool = True, convention: str =
             adapter.linear1.weight[:, -4:] = torch.randn(adapter.linear1.weight[:, -4:].shape, generator=g) * 0.1
     else:
         adapter = fresh_adapter(clip, seed + 4)
-    return DreamPoseModel(unet, adapter, tiny_vae(seed + 1), clip, convention, default_scheduler_config(),
+    return DreamPoseModel(unet, adapter, tiny_vae(seed + 1, core), clip, convention, default_scheduler_config(),
                           {"tiny": True})
 
 
