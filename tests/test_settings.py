@@ -143,7 +143,7 @@ def test_node_defaults_and_choices_are_the_settings(tmp_path):
         prep.person, prep.frames_per_batch, prep.detect_resolution)
     assert _options(oi["DreamPoseDensePose"], "person") == list(S.PERSON_CHOICES)
     loader = oi["LoadDreamPose"]
-    assert _options(loader, "dtype") == list(S.DTYPE_CHOICES)
+    assert _options(loader, "dtype") == list(S.NODE_DTYPE_CHOICES)
     assert _options(loader, "vae_dtype") == list(S.VAE_DTYPE_CHOICES)
     assert _options(loader, "convention") == ["auto", *S.CONVENTIONS]
     person = _defaults(oi["DreamPoseSyntheticPerson"])

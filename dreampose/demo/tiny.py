@@ -112,10 +112,11 @@ def write_component(module, folder: str, weights_name: str) -> None:
     save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, os.path.join(folder, weights_name))
 
 
-def write_tiny_sd_folder(folder: str, seed: int = 0) -> str:
-    """A diffusers-layout SD 1.x folder (``unet/``, ``vae/``, ``scheduler/``) with tiny random weights."""
-    write_component(tiny_base_unet(seed), os.path.join(folder, "unet"), "diffusion_pytorch_model.safetensors")
-    write_component(tiny_vae(seed + 1), os.path.join(folder, "vae"), "diffusion_pytorch_model.safetensors")
+def write_tiny_sd_folder(folder: str, seed: int = 0, core: bool = False) -> str:
+    """A diffusers-layout SD 1.x folder (``unet/``, ``vae/``, ``scheduler/``) with tiny random weights
+    (``core``: 32-group norms, as :func:`tiny_dreampose`)."""
+    write_component(tiny_base_unet(seed, core), os.path.join(folder, "unet"), "diffusion_pytorch_model.safetensors")
+    write_component(tiny_vae(seed + 1, core), os.path.join(folder, "vae"), "diffusion_pytorch_model.safetensors")
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
         json.dump(default_scheduler_config(), f, indent=1)

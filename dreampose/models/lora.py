@@ -62,3 +62,16 @@ def merge_lora(unet: nn.Module, delta: LoraDelta, source: str = "LoRA delta") ->
             # a new Parameter rather than an in-place add: the old one may be an inference-mode tensor
             layer.weight = nn.Parameter((w.float() + delta.scale * update).to(w.dtype), requires_grad=False)
     return unet
+
+
+def kohya_state(delta: LoraDelta) -> dict[str, torch.Tensor]:
+    """The delta in the kohya LoRA key format that most Stable Diffusion tools read, ComfyUI's LoRA
+    loaders among them: per Linear of the diffusers UNet, ``lora_unet_<name, dots as _>.lora_down.weight``
+    (A), ``.lora_up.weight`` (B) and ``.alpha`` (the loader's scale is alpha / rank, as here)."""
+    state = {}
+    for name, (a, b) in sorted(delta.factors.items()):
+        key = "lora_unet_" + name.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = a.contiguous()
+        state[f"{key}.lora_up.weight"] = b.contiguous()
+        state[f"{key}.alpha"] = torch.tensor(float(delta.alpha))
+    return state

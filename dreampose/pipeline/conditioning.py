@@ -20,7 +20,7 @@ import torch
 
 from ..errors import DreamPoseError
 from ..settings import COND_HEIGHT, COND_WIDTH, VAE_SCALE, check_convention, check_latent_mode
-from .images import check_image, clip_pixels, resize_u8, to_minus1_1
+from .images import clip_pixels, condition_frame, to_minus1_1
 
 
 @dataclass
@@ -74,7 +74,7 @@ def encode_image_condition(model, image: torch.Tensor, *, latent_mode: str = "sa
         An :class:`ImageCondition` (``cond`` and ``uncond`` ``[1,50,768]``, the resized key frame).
     """
     convention = check_convention(convention or model.convention)
-    key_u8 = resize_u8(check_image(image), COND_HEIGHT, COND_WIDTH)
+    key_u8 = condition_frame(image)
     clip_param = next(model.clip.parameters())
     clip_in = torch.cat([clip_pixels(key_u8), clip_pixels(torch.zeros_like(key_u8))])
     clip_tokens = model.clip(pixel_values=clip_in.to(clip_param.device, clip_param.dtype)).last_hidden_state
@@ -90,13 +90,17 @@ def encode_image_condition(model, image: torch.Tensor, *, latent_mode: str = "sa
 
 def check_condition(model, cond) -> ImageCondition:
     """A condition made by a model of another width or convention would sample garbage: say so now."""
+    return check_condition_fits(cond, model.unet.config.cross_attention_dim, model.convention)
+
+
+def check_condition_fits(cond, width: int, convention: str) -> ImageCondition:
+    """:func:`check_condition` against a UNet's cross-attention ``width`` and a model's ``convention``."""
     if not isinstance(cond, ImageCondition):
         raise DreamPoseError(f"expected a DreamPose condition from CLIPVAEAdapterEncode, got {type(cond).__name__}")
-    width = model.unet.config.cross_attention_dim
     if cond.cond.shape[-1] != width:
         raise DreamPoseError(f"the condition has width {cond.cond.shape[-1]} but this UNet attends to width {width}: "
                              "encode the key frame with the same DreamPose model")
-    if cond.convention != model.convention:
+    if cond.convention != convention:
         raise DreamPoseError(f"the condition was encoded in the {cond.convention!r} convention but the model runs "
-                             f"{model.convention!r}: encode the key frame with the same model")
+                             f"{convention!r}: encode the key frame with the same model")
     return cond

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..errors import DreamPoseError
+from ..settings import COND_HEIGHT, COND_WIDTH
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,6 +51,12 @@ def resize_u8(image_u8: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if tuple(image_u8.shape[-2:]) == (height, width):
         return image_u8
     return _from_pil(_to_pil(image_u8).resize((width, height), Image.BICUBIC))
+
+
+def condition_frame(image: torch.Tensor) -> torch.Tensor:
+    """A key frame (``[3,H,W]``/``[1,3,H,W]``, 0..1 or uint8, any size) as the condition sees it: uint8
+    ``[1,3,640,512]``, PIL bicubic as the authors resized it."""
+    return resize_u8(check_image(image), COND_HEIGHT, COND_WIDTH)
 
 
 def clip_pixels(image_u8: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from ..models.devices import randn
 from ..settings import LATENT_CHANNELS, LATENT_SCALE, VAE_SCALE, SamplingOptions, check_sampler, check_stretch
 from .conditioning import ImageCondition, vae_latent
 from .guidance import DualCFGDenoiser
-from .images import resize_u8, to_minus1_1
+from .images import condition_frame, resize_u8, to_minus1_1
 from .poses import PoseWindows
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -62,26 +62,49 @@ class SampleStats:
     decode_s: float = 0.0                     # decoding
 
 
+def start_components(model, cond: ImageCondition, options: SamplingOptions, *,
+                     generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What x_T is made of: the key frame's SD-scaled VAE latent sample at the output size (``official``
+    start; None for ``noise``) and one standard normal noise ``[1,4,H/8,W/8]``, shared by all frames.
+
+    Draw order from ``generator``: the key-frame latent sample (official only), then the noise.
+    """
+    device = device if device is not None else next(model.unet.parameters()).device
+    shape = (1, LATENT_CHANNELS, options.height // LATENT_SCALE, options.width // LATENT_SCALE)
+    key_latent = None
+    if options.start == "official":
+        key_latent = key_frame_latent(model.vae, cond.key_frame, options.height, options.width,
+                                      generator).to(device)
+    return key_latent, randn(shape, generator, device)
+
+
+def key_frame_latent(vae, image: torch.Tensor, height: int, width: int,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """The official start's latent: the key frame as the condition sees it (:func:`condition_frame`;
+    a condition's own ``key_frame`` already is), resized to the output size, a VAE posterior sample
+    (SD-scaled, float32, ``[1,4,height/8,width/8]``) drawn from ``generator``."""
+    key = to_minus1_1(resize_u8(condition_frame(image), height, width))
+    return vae_latent(vae, key, "sample", generator).float()
+
+
 def start_latents(model, cond: ImageCondition, scheduler, options: SamplingOptions, num_frames: int = 1, *,
                   generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """x_T for ``num_frames`` frames at the options' size. ``official``: the key frame latent noised to
     the first timestep (docs/official-code.md, quirk #14); ``noise``: pure noise. Both share one noise
     tensor across frames (quirk #12, kept on purpose: it is the method's main device for temporal
-    consistency).
-
-    Draw order from ``generator``: the key-frame latent sample (official only), then the noise.
+    consistency). Draws as :func:`start_components`.
     """
     device = device if device is not None else next(model.unet.parameters()).device
-    height, width = options.height, options.width
-    shape = (1, LATENT_CHANNELS, height // LATENT_SCALE, width // LATENT_SCALE)
-    if options.start == "official":
-        key = to_minus1_1(resize_u8(cond.key_frame, height, width))
-        key_latent = vae_latent(model.vae, key, "sample", generator).float().to(device)
-        noise = randn(shape, generator, device)
-        x = scheduler.add_noise(key_latent, noise, scheduler.timesteps[:1].to(device))
-    else:
-        x = randn(shape, generator, device) * scheduler.init_noise_sigma
-    return x.expand(num_frames, -1, -1, -1).clone()
+    key_latent, noise = start_components(model, cond, options, generator=generator, device=device)
+    return compose_start(scheduler, key_latent, noise).expand(num_frames, -1, -1, -1).clone()
+
+
+def compose_start(scheduler, key_latent: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+    """x_T from :func:`start_components` for a scheduler with its timesteps set: the key latent noised
+    to the first timestep, or (``key_latent`` None) the noise at the scheduler's initial scale."""
+    if key_latent is not None:
+        return scheduler.add_noise(key_latent, noise, scheduler.timesteps[:1].to(noise.device))
+    return noise * scheduler.init_noise_sigma
 
 
 def check_latents(latents: torch.Tensor, poses: PoseWindows) -> torch.Tensor:

@@ -66,7 +66,8 @@ from ..models.lora import LORA_TARGETS, LoraDelta, merge_lora, remember_lora_del
 from ..pipeline.poses import check_uv
 from ..settings import VAE_SCALE, FinetuneSettings, check_kind, check_settings, vae_settings
 from .augment import augment_pair
-from .objective import (condition_frame, denoising_loss, dropout_flags, frozen_condition, latent_distribution,
+from ..pipeline.images import condition_frame
+from .objective import (denoising_loss, dropout_flags, frozen_condition, latent_distribution,
                         noise_scheduler, noisy_and_target, null_condition, pose_channels, resize)
 
 ALGORITHM_VERSION = "1"   # part of every cache key: bump whenever the training arithmetic changes

@@ -15,7 +15,7 @@ from diffusers import DDPMScheduler
 from ..configs import clean_config
 from ..models.devices import module_place
 from ..pipeline.conditioning import vae_inputs
-from ..pipeline.images import check_image, clip_pixels, resize_u8
+from ..pipeline.images import clip_pixels
 from ..settings import COND_HEIGHT, COND_WIDTH, LATENT_SCALE, POSE_FRAMES
 
 
@@ -41,11 +41,6 @@ def clip_tokens(clip, key_u8: torch.Tensor, device) -> torch.Tensor:
     """CLIP's ``last_hidden_state`` ``[1,T,D]`` (fp32, on ``device``) of a 640×512 uint8 frame."""
     clip_device, clip_dtype = module_place(clip)
     return clip(pixel_values=clip_pixels(key_u8).to(clip_device, clip_dtype)).last_hidden_state.float().to(device)
-
-
-def condition_frame(image) -> torch.Tensor:
-    """A condition photo (``[3,H,W]`` 0..1 or uint8) as the sampler sees it: uint8 ``[1,3,640,512]``."""
-    return resize_u8(check_image(image), COND_HEIGHT, COND_WIDTH)
 
 
 @torch.no_grad()

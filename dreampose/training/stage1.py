@@ -59,7 +59,8 @@ from ..models.fingerprint import weights_digest
 from ..pipeline.poses import make_pose_windows, window_indices
 from ..settings import (COND_HEIGHT, COND_WIDTH, LATENT_CHANNELS, LATENT_SCALE, POSE_CHANNELS, VAE_SCALE,
                         TrainConfig, check_output_size)
-from .objective import (condition_frame, denoising_loss, dropout_flags, frozen_condition, latent_distribution,
+from ..pipeline.images import condition_frame
+from .objective import (denoising_loss, dropout_flags, frozen_condition, latent_distribution,
                         noise_scheduler, noisy_and_target, null_condition, resize)
 
 __all__ = [
