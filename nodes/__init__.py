@@ -3,6 +3,7 @@
 Node IDs and input order are part of every saved workflow (widget values are stored by position):
 never rename or reorder them; add new inputs at the end.
 """
+from .apply_pose import DreamPoseApplyPose
 from .demo import DreamPoseDemoModel, DreamPoseSyntheticPerson
 from .densepose import DreamPoseDensePose, DreamPoseLoadIUV, DreamPoseSaveUV
 from .encode import CLIPVAEAdapterEncode
@@ -15,3 +16,4 @@ NODES = [LoadDreamPose, CLIPVAEAdapterEncode, DreamPoseLoadUV, DensePoseWindow5,
          VAEDecoderFinetune]
 NODES += [DreamPoseDensePose, DreamPoseSaveUV, DreamPoseLoadIUV]
 NODES += [DreamPoseDemoModel, DreamPoseSyntheticPerson]
+NODES += [DreamPoseApplyPose]

@@ -7,9 +7,9 @@ from comfy_api.latest import io
 from ..dreampose.data.densepose import visualize
 from ..dreampose.demo.model import demo_scene, load_demo_model
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.settings import (DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH, DTYPE_CHOICES, MOTIONS, VAE_DTYPE_CHOICES,
-                                  check_output_size)
-from .loader import place_loaded
+from ..dreampose.settings import (DEMO_FRAMES, DEMO_HEIGHT, DEMO_WIDTH, MOTIONS, NODE_DTYPE_CHOICES,
+                                  VAE_DTYPE_CHOICES, check_output_size)
+from .loader import to_native
 from .types import DreamPoseModelType, DreamPosePoseType
 
 
@@ -25,17 +25,23 @@ class DreamPoseDemoModel(io.ComfyNode):
                 "the synthetic world. It animates synthetic people only (DreamPose Synthetic Person); for photos use "
                 "Load DreamPose with the released weights. Nothing is downloaded."),
             inputs=[
-                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
-                               tooltip="Precision of the UNet, adapter and CLIP, as in Load DreamPose."),
+                io.Combo.Input("dtype", options=list(NODE_DTYPE_CHOICES), default="auto",
+                               tooltip="Precision of the UNet's weights, as in Load DreamPose."),
                 io.Combo.Input("vae_dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
                                tooltip="Precision of the VAE, as in Load DreamPose."),
             ],
-            outputs=[DreamPoseModelType.Output(display_name="model", tooltip="The demo DreamPose model.")],
+            outputs=[
+                DreamPoseModelType.Output(display_name="model", tooltip="The demo DreamPose model."),
+                io.Model.Output(display_name="MODEL", tooltip="Its UNet as a core MODEL, as Load DreamPose's."),
+                io.ClipVision.Output(display_name="CLIP_VISION", tooltip="Its CLIP vision as a core CLIP_VISION."),
+                io.Vae.Output(display_name="VAE", tooltip="Its VAE as a core VAE."),
+            ],
         )
 
     @classmethod
     def execute(cls, dtype: str, vae_dtype: str) -> io.NodeOutput:
-        return io.NodeOutput(place_loaded(load_demo_model(), dtype, vae_dtype))
+        bundle = to_native(load_demo_model(), dtype, vae_dtype)
+        return io.NodeOutput(bundle, bundle.unet, bundle.clip_vision, bundle.vae)
 
 
 class DreamPoseSyntheticPerson(io.ComfyNode):

@@ -1,15 +1,11 @@
-"""Devices and dtypes the ComfyUI way: ask ``comfy.model_management``, and hand the networks to it.
+"""Devices and dtypes the ComfyUI way: ask ``comfy.model_management``, and let it hold the networks.
 
-Each DreamPose network (UNet, adapter, VAE, CLIP) gets one ``comfy.model_patcher.ModelPatcher``
-(load device = ComfyUI's torch device, offload device = its UNet offload device). The nodes load
-them with ``mm.load_models_gpu`` like core models, so they show up in ``current_loaded_models``,
-stay loaded between runs while there is room, and are offloaded whenever the host needs the memory
-(another model, ``unload_all_models``, ``free_memory``). No private cache pins VRAM.
-
-The networks are diffusers/transformers modules whose ``device`` is a read-only property, so each
-is wrapped in a tiny ``nn.Module`` holder the patcher may write ``device`` on. They are always
-loaded whole (``force_full_load``): plain modules have no ComfyUI cast-weights ops to run
-partially offloaded, so a partial unload request unloads them completely instead.
+The UNet, CLIP and VAE are core objects (``nodes/native.py``) that core loads and offloads itself,
+partially when memory is short. What is DreamPose's own — the adapter, and the trainable copies a
+finetune makes — gets one :class:`DreamPosePatcher` each: the nodes load them with
+``mm.load_models_gpu`` like core models, so they show up in ``current_loaded_models`` and are
+offloaded whenever the host needs the memory. Plain modules have no cast-weight ops to run partially
+offloaded, so they are always loaded whole (they are small).
 """
 from __future__ import annotations
 
@@ -19,31 +15,37 @@ from contextlib import contextmanager
 import torch
 import comfy.model_management as mm
 import comfy.model_patcher
-from comfy.cli_args import args
 
 from ..dreampose.models.devices import dtype_from_name
+
+SD15_INFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
 
 def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def unet_dtypes(choice: str, device: torch.device, params: int,
+                weight_dtype: torch.dtype | None = None) -> tuple[torch.dtype, torch.dtype | None, bool]:
+    """(storage dtype, compute dtype if it differs, fp8 fast matmuls) of the UNet, by core's rules.
+
+    ``auto``: core's ``unet_dtype`` (the ``--fp16-unet`` style flags first, then fp16 → bf16 → fp32 as
+    the device computes them); fp8 choices store the weights in 8 bits and compute in the dtype core's
+    ``unet_manual_cast`` picks, as core's UNet loader does.
+    """
+    fast = choice == "fp8_e4m3fn_fast"
+    if choice == "auto":
+        dtype = mm.unet_dtype(device, model_params=params, supported_dtypes=list(SD15_INFERENCE_DTYPES),
+                              weight_dtype=weight_dtype)
+    else:
+        dtype = FP8_DTYPES.get(choice) or dtype_from_name(choice)
+    return dtype, mm.unet_manual_cast(dtype, device, list(SD15_INFERENCE_DTYPES)), fast
+
+
 def unet_dtype(choice: str, device: torch.device, params: int) -> torch.dtype:
-    """``auto``: the CLI's --fp16/bf16/fp32-unet if given, else fp16 → bf16 → fp32, whichever
-    ComfyUI says the device computes well (no manual-cast fallbacks: diffusers computes in the
-    weights' dtype)."""
-    if choice != "auto":
-        return dtype_from_name(choice)
-    if args.fp32_unet:
-        return torch.float32
-    if args.bf16_unet:
-        return torch.bfloat16
-    if args.fp16_unet:
-        return torch.float16
-    if mm.should_use_fp16(device, model_params=params):
-        return torch.float16
-    if mm.should_use_bf16(device, model_params=params):
-        return torch.bfloat16
-    return torch.float32
+    """The UNet's storage dtype for ``choice`` (see :func:`unet_dtypes`)."""
+    return unet_dtypes(choice, device, params)[0]
 
 
 def vae_dtype(choice: str, device: torch.device) -> torch.dtype:
@@ -54,13 +56,6 @@ def vae_dtype(choice: str, device: torch.device) -> torch.dtype:
     if dtype == torch.float16:  # only when forced by --fp16-vae
         dtype = torch.bfloat16 if mm.should_use_bf16(device) else torch.float32
     return dtype
-
-
-def working_memory(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
-    """Rough activation memory of an SD 1.x UNet call (same order as core's SD15 estimate) plus
-    ComfyUI's inference reserve."""
-    latent_area = batch * (height // 8) * (width // 8)
-    return int(latent_area * mm.dtype_size(dtype) * 0.01 * 1024 * 1024 + mm.minimum_inference_memory())
 
 
 class NetworkHolder(torch.nn.Module):
@@ -108,17 +103,18 @@ def patcher_for(module: torch.nn.Module, owner=None) -> DreamPosePatcher:
     return patcher
 
 
-def _loaded_entries(patcher) -> list:
-    return [lm for lm in mm.current_loaded_models if lm.model is patcher]
-
-
 def release(module: torch.nn.Module) -> None:
     """Let ComfyUI unload ``module`` if it holds it loaded (back to the offload device)."""
     ref = module.__dict__.get(_PATCHER_ATTR)
     patcher = ref() if ref is not None else None
     if patcher is None or patcher.network is not module:
         return
-    for lm in _loaded_entries(patcher):
+    unload(patcher)
+
+
+def unload(patcher) -> None:
+    """Have ComfyUI unload ``patcher`` (ours or core's) wholly to its offload device, if it holds it loaded."""
+    for lm in [lm for lm in mm.current_loaded_models if lm.model is patcher]:
         lm.model_unload()
         mm.current_loaded_models.remove(lm)
 
@@ -131,43 +127,16 @@ def place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     torch.nn.Module.to(module, device=device, dtype=dtype)
 
 
-def _cast(module: torch.nn.Module, dtype: torch.dtype) -> None:
-    param = _first_param(module)
-    if param is not None and param.dtype != dtype:
-        torch.nn.Module.to(module, dtype=dtype)  # on whatever device it is; the patcher's size changes
-        ref = module.__dict__.get(_PATCHER_ATTR)
-        if ref is not None and ref() is not None:
-            ref().size = 0
-
-
 @contextmanager
-def borrowed(modules: list[tuple[torch.nn.Module, torch.dtype]], extra_memory: int = 0, owner=None):
-    """Have ComfyUI load ``modules`` (in their dtypes) on its torch device for the block, with
-    ``extra_memory`` bytes of working memory, evicting other models as it sees fit. They stay
-    registered as loaded afterwards, and are offloaded when the host needs the room."""
-    patchers = []
-    for module, dtype in modules:
-        _cast(module, dtype)
-        patchers.append(patcher_for(module, owner))
-    mm.load_models_gpu(patchers, memory_required=extra_memory, force_full_load=True)
+def borrowed(modules: list[torch.nn.Module], extra_memory: int = 0, owner=None, core: list = ()):
+    """Have ComfyUI load ``modules`` (our plain networks) and ``core`` (core patchers of the small
+    networks: CLIP, VAE) on its torch device for the block, with ``extra_memory`` bytes of working
+    memory, evicting other models as it sees fit. Loaded whole, in one call, so none evicts another;
+    they stay registered as loaded afterwards and are offloaded when the host needs the room. (The
+    UNet is never borrowed: core's samplers load it, partially when memory is short.)"""
+    patchers = [patcher_for(module, owner) for module in modules]
+    mm.load_models_gpu(patchers + list(core), memory_required=extra_memory, force_full_load=True)
     try:
         yield mm.get_torch_device()
     finally:
         mm.soft_empty_cache()
-
-
-def park(model, dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None) -> None:
-    """Every network of ``model`` on the offload device, in ``dtypes`` (UNet/adapter, VAE, CLIP; default:
-    the loader's). The ModelPatchers move them to the compute device when a node needs them."""
-    unet_dt, vae_dt, clip_dt = dtypes or model_dtypes(model)
-    offload = mm.unet_offload_device()
-    for module, dt in ((model.unet, unet_dt), (model.adapter, unet_dt), (model.vae, vae_dt), (model.clip, clip_dt)):
-        place(module, offload, dt)
-
-
-def model_dtypes(model) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
-    """(UNet/adapter, VAE, CLIP) dtypes the loader chose; a bundle from elsewhere keeps its own."""
-    def pick(key, module):
-        name = model.info.get(key)
-        return dtype_from_name(name) if name else next(module.parameters()).dtype
-    return pick("unet_dtype", model.unet), pick("vae_dtype", model.vae), pick("clip_dtype", model.clip)

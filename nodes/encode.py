@@ -10,7 +10,7 @@ from ..dreampose.settings import COND_HEIGHT, COND_WIDTH, LATENT_MODES, PAPER_SA
 from ..dreampose.errors import DreamPoseError
 from ..dreampose.pipeline.images import check_image
 from . import device as dev
-from .types import DreamPoseCondType, DreamPoseModelType
+from .types import DreamPoseCondType, DreamPoseModelType, require_model
 
 
 def key_frame_from_image(image: torch.Tensor) -> torch.Tensor:
@@ -51,18 +51,25 @@ class CLIPVAEAdapterEncode(io.ComfyNode):
                              tooltip="Seed of the VAE posterior draw ('sample' only); CPU generator, so the same "
                                      "seed gives the same condition on any device."),
             ],
-            outputs=[DreamPoseCondType.Output(
-                display_name="cond",
-                tooltip="The image condition and its null, for DualCFGSampler.")],
+            outputs=[
+                DreamPoseCondType.Output(display_name="cond",
+                                         tooltip="The image condition and its null, for DualCFGSampler."),
+                io.Conditioning.Output(display_name="image",
+                                       tooltip="The subject's adapter tokens [1,50,768] as a core CONDITIONING (no "
+                                               "pose yet): for DreamPose Apply Pose."),
+                io.Conditioning.Output(display_name="null",
+                                       tooltip="The null image's tokens as a core CONDITIONING, the unconditional "
+                                               "branch of the guidance: for DreamPose Apply Pose."),
+            ],
         )
 
     @classmethod
     def execute(cls, model, image: torch.Tensor, conditioning_latent: str, seed: int) -> io.NodeOutput:
         key = key_frame_from_image(image)  # before any weights move
-        unet_dt, vae_dt, clip_dt = dev.model_dtypes(model)
-        extra = dev.working_memory(1, COND_HEIGHT, COND_WIDTH, vae_dt)
-        with dev.borrowed([(model.clip, clip_dt), (model.vae, vae_dt), (model.adapter, unet_dt)], extra,
-                          owner=model):
-            cond = encode_image_condition(model, key, latent_mode=conditioning_latent,
+        model = require_model(model)
+        # CLIP and the adapter (small) loaded whole; core loads the VAE as it encodes (partially if need be)
+        with dev.borrowed([model.adapter], owner=model, core=[model.clip_vision.patcher]):
+            cond = encode_image_condition(model.view(), key, latent_mode=conditioning_latent,
                                           generator=torch.Generator("cpu").manual_seed(seed))
-        return io.NodeOutput(cond.to(mm.intermediate_device()))
+        cond = cond.to(mm.intermediate_device())
+        return io.NodeOutput(cond, [[cond.cond, {}]], [[cond.uncond, {}]])

@@ -22,12 +22,14 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.files.weights import read_metadata
+from ..dreampose.files.atomic import atomic_save_safetensors
+from ..dreampose.files.weights import format_metadata, read_metadata
+from ..dreampose.models.lora import kohya_state, lora_delta_of
 from ..dreampose.settings import OPTIMIZERS, PRECISIONS, FinetuneSettings, finetune_defaults
 from ..dreampose.training.finetune import finetune_to_file
 from . import device as dev
-from . import folders
-from .types import DreamPoseModelType, DreamPosePoseType, require_uv
+from . import folders, native
+from .types import DreamPoseModelType, DreamPosePoseType, require_model, require_uv
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +155,37 @@ def _target(name: str, kind: str) -> str:
     return path
 
 
+def export_target(kind: str, filename: str, settings: FinetuneSettings) -> str | None:
+    """Where the finetune goes for core's own loaders, beside the subject file: a LoRA subject finetune as
+    a kohya LoRA in ``models/loras`` (LoraLoaderModelOnly; the adapter stays in the subject file), a VAE
+    decoder finetune as the whole VAE in ldm keys in ``models/vae`` (VAELoader). None for a full subject
+    finetune: the whole UNet changed, there is no small file to give core. Checked before training."""
+    if kind == "subject":
+        return folders.export_path("loras", filename, "lora_export") if settings.lora_rank else None
+    return folders.export_path("vae", filename, "vae_export")
+
+
+def export_for_core(kind: str, path: str | None, result, new) -> str | None:
+    """Write the export (:func:`export_target`) atomically; skipped when the file there already holds
+    this very finetune (same cache key)."""
+    if path is None:
+        return None
+    if kind == "subject":
+        delta = lora_delta_of(result.model)
+        if delta is None:
+            raise DreamPoseError(f"{result.path}: a LoRA finetune without its LoRA delta; train it again")
+        what, tensors = "lora_export", kohya_state(delta)
+        extra = {"ss_network_dim": str(delta.rank), "ss_network_alpha": str(delta.alpha)}
+    else:
+        what, extra = "vae_export", {}
+        tensors = {k: v.detach().contiguous() for k, v in new.vae.first_stage_model.state_dict().items()}
+    if os.path.isfile(path) and read_metadata(path).get("cache_key") == result.cache_key:
+        return path
+    atomic_save_safetensors(tensors, path, {**format_metadata(kind=what, subject=os.path.basename(result.path),
+                                                              cache_key=result.cache_key), **extra})
+    return path
+
+
 _SEED_TOOLTIP = ("Seed of the {what}: the same seed and settings reproduce the finetune and find the saved one. No "
                  "randomize control: a new seed means training again.")
 
@@ -204,7 +237,11 @@ class _FinetuneNode(io.ComfyNode):
 
     @classmethod
     def outputs(cls) -> list:
-        return [DreamPoseModelType.Output(display_name="model", tooltip=cls.TEXTS["output"])]
+        outputs = [DreamPoseModelType.Output(display_name="model", tooltip=cls.TEXTS["output"])]
+        if cls.KIND == "vae":
+            outputs.append(io.Vae.Output(display_name="VAE", tooltip="The finetuned VAE as a core VAE (VAE Decode); "
+                                                                     "also saved to models/vae/<name>.safetensors."))
+        return outputs
 
     @classmethod
     def validate_inputs(cls, name: str | None = None) -> bool | str:
@@ -214,21 +251,34 @@ class _FinetuneNode(io.ComfyNode):
     def run_finetune(cls, model, images, name: str, poses=None, **training) -> io.NodeOutput:
         """The shared body: photos (and poses) in, the finetuned model out, on the offload device."""
         filename = check_name(name)
+        model = require_model(model)
         kind = cls.KIND
         with torch.inference_mode(False):
             photos = photos_from_images(images)
             uv = subject_poses(poses, photos.shape[0]) if kind == "subject" else None
             settings = FinetuneSettings(**{**finetune_defaults(kind).to_dict(), **training})
             path = _target(filename, kind)
+            export = export_target(kind, filename, settings)
             progress = _Progress(cls.WHAT, settings.steps)
-            _, vae_dt, clip_dt = dev.model_dtypes(model)
-            # subject: CLIP and the VAE encode the photos (the VAE every step), UNet and adapter are copied to
-            # the device; VAE: the whole VAE is copied there, nothing of the input model needs to move
-            frozen = [(model.vae, vae_dt), (model.clip, clip_dt)] if kind == "subject" else []
-            result = finetune_to_file(kind, model, photos, uv, settings, path, callback=progress, base=None,
+            # The library trains diffusers networks: a view of the core weights (no copy), taken with the
+            # network wholly back on its offload device so the view holds no VRAM.
+            # (The weights are inference tensors, made while ComfyUI ran the loader: viewed in inference mode.)
+            if kind == "subject":
+                dev.unload(model.unet)
+                with torch.inference_mode():
+                    lib = model.view(unet=native.diffusers_unet(model.unet, model.unet_config))
+                # CLIP and the VAE encode the photos (the VAE every step); UNet and adapter are copied to the device
+                frozen = [model.clip_vision.patcher, model.vae.patcher]
+            else:
+                dev.unload(model.vae.patcher)
+                with torch.inference_mode():
+                    lib = model.view(vae=native.diffusers_vae(model.vae, model.vae_config))
+                frozen = []     # the whole VAE is copied to the device: nothing of the input model moves
+            result = finetune_to_file(kind, lib, photos, uv, settings, path, callback=progress, base=None,
                                       search_folders=folders.subject_dirs(),
-                                      borrow=lambda: dev.borrowed(frozen, TRAINING_MEMORY, owner=model))
-        dev.park(result.model)
+                                      borrow=lambda: dev.borrowed([], TRAINING_MEMORY, owner=model, core=frozen))
+            new = model.replace(result.model, unet=kind == "subject", vae=kind == "vae")
+            exported = export_for_core(kind, export, result, new)
         saved = os.path.basename(result.path)
         if result.cached:
             log.info("DreamPose %s: %s has the same model, photos and settings; loading it, 0 steps trained",
@@ -237,7 +287,9 @@ class _FinetuneNode(io.ComfyNode):
         else:
             log.info("DreamPose %s: %d steps trained, saved %s", cls.WHAT, result.steps_trained, result.path)
             progress.text(f"{cls.WHAT}: {result.steps_trained} steps trained, saved subjects/{saved}")
-        return io.NodeOutput(result.model)
+        if exported:
+            log.info("DreamPose %s: core loaders read %s", cls.WHAT, exported)
+        return io.NodeOutput(new) if kind == "subject" else io.NodeOutput(new, new.vae)
 
 
 class SubjectFinetune(_FinetuneNode):

@@ -13,6 +13,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
+from ..dreampose.files.weights import is_ours, read_metadata
 
 DREAMPOSE = "dreampose"
 SUBJECTS = "dreampose_subjects"     # folder type of subject finetunes: <each dreampose folder>/subjects
@@ -227,6 +228,25 @@ def resolve_subject(name: str) -> str | None:
     path = folder_paths.get_full_path(SUBJECTS, name)
     if path is None:
         raise _not_found("Subject finetune", name, SUBJECTS)
+    return path
+
+
+def export_path(folder: str, name: str, what: str) -> str:
+    """Where an export named ``name`` goes in core's ``folder`` (``loras``, ``vae``): its first path.
+    A file of that name that is not one of our exports is never replaced: the user did not ask for it."""
+    dirs = _search_paths(folder)
+    if not dirs:
+        raise DreamPoseError(f"ComfyUI has no models/{folder} folder registered")
+    path = os.path.join(dirs[0], name)
+    if os.path.exists(path):
+        try:
+            meta = read_metadata(path)
+        except DreamPoseError:
+            meta = {}
+        if not (is_ours(meta) and meta.get("kind") == what):
+            raise DreamPoseError(f"models/{folder}/{name} exists and was not written by DreamPose: give the finetune "
+                                 "another name, or move that file away")
+    os.makedirs(dirs[0], exist_ok=True)
     return path
 
 

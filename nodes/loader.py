@@ -1,28 +1,36 @@
-"""LoadDreamPose: the model bundle from ComfyUI's model folders."""
+"""LoadDreamPose: the model bundle from ComfyUI's model folders, as core objects."""
 from __future__ import annotations
 
 import os
 
+import torch
 import comfy.model_management as mm
 from comfy_api.latest import io
 
-from ..dreampose.models.devices import dtype_name
-from ..dreampose.settings import CONVENTIONS, DTYPE_CHOICES, VAE_DTYPE_CHOICES
+from ..dreampose.configs import clean_config
 from ..dreampose.loaders.load import load_dreampose
-from . import folders
+from ..dreampose.models.devices import dtype_name
+from ..dreampose.settings import CONVENTIONS, NODE_DTYPE_CHOICES, VAE_DTYPE_CHOICES
 from . import device as dev
+from . import folders, native
 from .types import DreamPoseModelType
 
 
-def place_loaded(model, dtype: str, vae_dtype: str):
-    """Cast a freshly loaded model to the host's dtypes and park it on the offload device; the
-    ModelPatchers move it to the compute device when a node needs it."""
+def to_native(model, dtype: str, vae_dtype: str) -> native.NativeModel:
+    """A freshly loaded library model → core MODEL, CLIP_VISION and VAE in the host's dtypes (core's
+    rules), the adapter in the UNet's compute dtype on the offload device. The library's networks
+    are dropped: the weights live in core's objects only."""
     device = mm.get_torch_device()
-    unet_dt = dev.unet_dtype(dtype, device, dev.param_count(model.unet))
+    weight_dtype = next(model.unet.parameters()).dtype
+    unet_dt, cast_dt, fast = dev.unet_dtypes(dtype, device, dev.param_count(model.unet), weight_dtype)
     vae_dt = dev.vae_dtype(vae_dtype, device)
-    dev.park(model, (unet_dt, vae_dt, unet_dt))
-    model.info.update(unet_dtype=dtype_name(unet_dt), vae_dtype=dtype_name(vae_dt), clip_dtype=dtype_name(unet_dt))
-    return model
+    unet = native.core_unet(model.unet, unet_dt, cast_dt, fp8_optimizations=fast)
+    clip = native.core_clip_vision(model.clip, torch.float32)
+    vae = native.core_vae(model.vae, vae_dt)
+    dev.place(model.adapter, mm.unet_offload_device(), cast_dt or unet_dt)
+    info = dict(model.info, unet_dtype=dtype_name(unet_dt), vae_dtype=dtype_name(vae_dt), clip_dtype="fp32")
+    return native.NativeModel(unet, clip, vae, model.adapter, model.convention, dict(model.scheduler_config),
+                              clean_config(model.unet.config), clean_config(model.vae.config), info)
 
 
 class LoadDreamPose(io.ComfyNode):
@@ -57,9 +65,11 @@ class LoadDreamPose(io.ComfyNode):
                             "finetuned vae_N.pth). 'from weights or base' takes the weights file's VAE, else the base "
                             "model's."),
                 io.Combo.Input(
-                    "dtype", options=list(DTYPE_CHOICES), default="auto",
-                    tooltip="Precision of the UNet, adapter and CLIP. auto: fp16, else bf16, else fp32, as ComfyUI "
-                            "judges the device (the --fp16-unet style flags win)."),
+                    "dtype", options=list(NODE_DTYPE_CHOICES), default="auto",
+                    tooltip="Precision of the UNet's weights (the adapter follows its compute dtype; CLIP stays fp32). "
+                            "auto: as ComfyUI's UNet loader decides (the --fp16-unet style flags win, else fp16, bf16 "
+                            "or fp32 as the device computes them). fp8: weights stored in 8 bits, computed in "
+                            "fp16/bf16/fp32 (fp8_e4m3fn_fast: fp8 matrix multiplies where the GPU has them)."),
                 io.Combo.Input(
                     "vae_dtype", options=list(VAE_DTYPE_CHOICES), default="auto",
                     tooltip="Precision of the VAE. auto: bf16 where supported, else fp32; never fp16, where the SD VAE "
@@ -77,9 +87,19 @@ class LoadDreamPose(io.ComfyNode):
                             "VAEDecoderFinetune after the loader: with the same photos and settings it reloads its "
                             "file and trains nothing. 'none': the weights as they are."),
             ],
-            outputs=[DreamPoseModelType.Output(
-                display_name="model",
-                tooltip="The DreamPose model (UNet, adapter, VAE, CLIP vision, convention).")],
+            outputs=[
+                DreamPoseModelType.Output(
+                    display_name="model",
+                    tooltip="The DreamPose model (UNet, adapter, VAE, CLIP vision, convention), for the DreamPose "
+                            "nodes."),
+                io.Model.Output(display_name="MODEL",
+                                tooltip="The DreamPose UNet as a core MODEL (14 input channels; the pose windows arrive "
+                                        "as each conditioning's noise_concat): for core LoRA loaders, model patches, "
+                                        "DualCFGGuider and the samplers."),
+                io.ClipVision.Output(display_name="CLIP_VISION", tooltip="CLIP ViT-B/32 vision as a core CLIP_VISION."),
+                io.Vae.Output(display_name="VAE",
+                              tooltip="The VAE as a core VAE (VAE Decode, VAE Encode, tiled decode)."),
+            ],
         )
 
     @classmethod
@@ -92,7 +112,8 @@ class LoadDreamPose(io.ComfyNode):
             vae=folders.resolve_vae(vae),
             convention=None if convention == "auto" else convention,
             subject=folders.resolve_subject(subject))
-        return io.NodeOutput(place_loaded(model, dtype, vae_dtype))
+        bundle = to_native(model, dtype, vae_dtype)
+        return io.NodeOutput(bundle, bundle.unet, bundle.clip_vision, bundle.vae)
 
     @classmethod
     def fingerprint_inputs(cls, dreampose_weights, base_model, clip_vision, vae, dtype, vae_dtype, convention,

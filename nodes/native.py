@@ -20,6 +20,8 @@ schedulers, previews. The conversion is exact (tested against the library to ≤
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 import comfy.clip_model
 import comfy.clip_vision
@@ -31,9 +33,13 @@ import comfy.ops
 import comfy.sd
 import comfy.supported_models
 import comfy.utils
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from ..dreampose.configs import clean_config
 from ..dreampose.errors import DreamPoseError
+from ..dreampose.loaders.components import instantiate
+from ..dreampose.models.bundle import DreamPoseModel
 from ..dreampose.pipeline.images import CLIP_MEAN, CLIP_STD
 from ..dreampose.settings import LATENT_CHANNELS, UNET_IN_CHANNELS
 
@@ -47,7 +53,49 @@ class DreamPoseSD15(comfy.supported_models.SD15):
         return False
 
     def get_model(self, state_dict, prefix="", device=None):
-        return comfy.model_base.BaseModel(self, model_type=self.model_type(state_dict, prefix), device=device)
+        return DreamPoseUNet(self, model_type=self.model_type(state_dict, prefix), device=device)
+
+
+class DreamPoseUNet(comfy.model_base.BaseModel):
+    """Core's SD model with the pose windows checked where core turns them into the UNet's extra
+    channels: core would repeat or cut a ``noise_concat`` whose batch is not the latent's without a
+    word (frames would get other frames' poses), and a cond without one would crash in ``conv_in``."""
+
+    def extra_conds(self, **kwargs):
+        pose, noise = kwargs.get("noise_concat"), kwargs.get("noise")
+        if pose is None:
+            raise DreamPoseError("a conditioning reached the DreamPose UNet without pose windows: pass the image "
+                                 "conditioning through DreamPose Apply Pose (it adds them) before the sampler")
+        if noise is not None:
+            check_pose_batch(pose, noise.shape[0], tuple(noise.shape[-2:]))
+        return super().extra_conds(**kwargs)
+
+
+def check_pose_batch(pose: torch.Tensor, frames: int, size: tuple[int, int]) -> None:
+    """One pose window per latent frame (or one for all), in DreamPose's 10 channels at the latent's
+    size ``(h, w)``, else a clear error."""
+    if pose.ndim != 4 or pose.shape[1] != UNET_IN_CHANNELS - LATENT_CHANNELS:
+        raise DreamPoseError(f"pose windows must be [frames, {UNET_IN_CHANNELS - LATENT_CHANNELS}, h, w], got "
+                             f"{tuple(pose.shape)}")
+    if pose.shape[0] not in (1, frames):
+        raise DreamPoseError(f"{pose.shape[0]} pose window(s) for a latent batch of {frames}: every frame needs its "
+                             "own window. Build the latent and the conditionings with the same DreamPose Apply Pose "
+                             "(its LATENT has one frame per pose)")
+    if tuple(pose.shape[-2:]) != tuple(size):
+        raise DreamPoseError(f"the pose windows are {pose.shape[-1] * 8}×{pose.shape[-2] * 8} (W×H) but the latent "
+                             f"is {size[1] * 8}×{size[0] * 8}: build both at the same size (DensePoseWindow5's width "
+                             "and height)")
+
+
+CORE_NORM_GROUPS = 32   # core's UNet and VAE code build every GroupNorm with 32 groups
+
+
+def _check_groups(config: dict, what: str) -> None:
+    groups = config.get("norm_num_groups", CORE_NORM_GROUPS)
+    if groups != CORE_NORM_GROUPS:
+        raise DreamPoseError(f"the {what} normalises in {groups} groups; ComfyUI's {what} code computes "
+                             f"{CORE_NORM_GROUPS} (as every Stable Diffusion 1.x model has), so it would give other "
+                             "numbers: use a model with 32-group norms")
 
 
 def core_unet_layout(config: dict) -> dict:
@@ -109,6 +157,7 @@ def core_unet(unet, dtype: torch.dtype | None = None, manual_cast_dtype: torch.d
         whenever it samples.
     """
     config = clean_config(unet.config)
+    _check_groups(config, "UNet")
     ldm = ldm_unet_state(unet.state_dict(), config)
     model_config = _model_config(ldm)
     weight_dtype = dtype or next(unet.parameters()).dtype
@@ -178,6 +227,7 @@ def ldm_vae_config(config: dict) -> dict:
 
 def core_vae(vae, dtype: torch.dtype | None = None) -> comfy.sd.VAE:
     """A diffusers ``AutoencoderKL`` as a core VAE (core converts the keys; every weight placed: checked)."""
+    _check_groups(clean_config(vae.config), "VAE")
     core = comfy.sd.VAE(sd={k: v for k, v in vae.state_dict().items()}, config=ldm_vae_config(clean_config(vae.config)),
                         dtype=dtype)
     placed = set(core.first_stage_model.state_dict())
@@ -240,7 +290,72 @@ class VAEView(torch.nn.Module):
         self.net = core.first_stage_model
 
     def encode(self, pixels: torch.Tensor) -> _Encoded:
-        mm.load_models_gpu([self.core.patcher])
+        # loaded as core's own VAE.encode loads it: its working memory estimated, partially if need be
+        mm.load_models_gpu([self.core.patcher], memory_required=self.core.memory_used_encode(pixels.shape,
+                                                                                            self.core.vae_dtype),
+                           force_full_load=self.core.disable_offload)
         p = next(self.net.parameters())
         x = pixels.to(p.device, p.dtype)
         return _Encoded(self.net.quant_conv(self.net.encoder(x)))
+
+
+def diffusers_unet(patcher: comfy.model_patcher.ModelPatcher, config: dict):
+    """The core MODEL's weights as a diffusers ``UNet2DConditionModel`` sharing their storage (no copy),
+    for the library code that needs one (finetuning clones it; nothing keeps it)."""
+    keymap = comfy.utils.unet_to_diffusers(core_unet_layout(config))
+    ldm = patcher.model.diffusion_model.state_dict()
+    state = {k: ldm[v] for k, v in keymap.items() if v in ldm}
+    return instantiate(lambda: UNet2DConditionModel.from_config(config), state, "14-channel DreamPose UNet",
+                       "the core MODEL")
+
+
+def diffusers_vae(core: comfy.sd.VAE, config: dict):
+    """The core VAE's weights as a diffusers ``AutoencoderKL`` (for the VAE decoder finetune)."""
+    state = convert_ldm_vae_checkpoint(core.first_stage_model.state_dict(), config)
+    return instantiate(lambda: AutoencoderKL.from_config(config), state, "Stable Diffusion VAE", "the core VAE")
+
+
+@dataclass
+class NativeModel:
+    """``DREAMPOSE_MODEL`` on ComfyUI's stack: the core MODEL, CLIP_VISION and VAE, plus what is
+    DreamPose's own (the adapter, the conditioning convention, the scheduler config). The library's
+    code runs on it through :meth:`view`."""
+
+    unet: comfy.model_patcher.ModelPatcher
+    clip_vision: DreamPoseClipVision
+    vae: comfy.sd.VAE
+    adapter: torch.nn.Module
+    convention: str
+    scheduler_config: dict
+    unet_config: dict               # the diffusers configs, to rebuild networks for training
+    vae_config: dict
+    info: dict = field(default_factory=dict)
+
+    def view(self, unet=None, vae=None) -> DreamPoseModel:
+        """The library's model type over the core networks (CLIP and VAE through views); ``unet``/``vae``
+        give diffusers networks where library code needs them (finetuning)."""
+        return DreamPoseModel(unet, self.adapter, vae if vae is not None else VAEView(self.vae),
+                              ClipView(self.clip_vision), self.convention, dict(self.scheduler_config), dict(self.info))
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.unet_config["cross_attention_dim"]
+
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        return self.unet.model.model_config.unet_config.get("dtype") or torch.float32
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the UNet computes in (fp8 weights compute in their manual-cast dtype)."""
+        return self.unet.model.manual_cast_dtype or self.unet_dtype
+
+    def replace(self, model: DreamPoseModel, unet=False, vae=False) -> "NativeModel":
+        """A new bundle from a library model's finetuned networks: ``unet`` (with its adapter) and/or
+        ``vae`` become new core objects in this bundle's dtypes; the rest is shared."""
+        changes = {"info": dict(model.info), "adapter": model.adapter}
+        if unet:
+            changes["unet"] = core_unet(model.unet, self.unet_dtype, self.unet.model.manual_cast_dtype)
+        if vae:
+            changes["vae"] = core_vae(model.vae, self.vae.vae_dtype)
+        return replace(self, **changes)

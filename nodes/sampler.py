@@ -1,22 +1,34 @@
-"""DualCFGSampler: every pose frame denoised with dual image/pose guidance, then decoded."""
+"""DualCFGSampler: every pose frame denoised with dual image/pose guidance on ComfyUI's sampling
+stack, then decoded with the core VAE.
+
+Per chunk of ``frames_per_batch`` frames the three guidance conds (``core_sampling.pose_conditionings``)
+go to core's ``Guider_DualCFG``; core loads the UNet (partially when memory is short), evaluates the
+three branches in one call with every patch, LoRA and attention backend the MODEL carries, and runs
+the sampler. ``core_sampler`` = "as sampler" steps with the library's scheduler (pndm, ddim, ... as
+the authors sampled: the frames equal the library's); any other name is a core sampler on the chosen
+core scheduler, from the same start (the key frame latent noised to the first sigma, one noise shared
+by all frames) and the same seed.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 import comfy.model_management as mm
+import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..dreampose.pipeline.animate import generate
-from ..dreampose.pipeline.conditioning import check_condition
-from ..dreampose.pipeline.sampling import stretch_frames
+from ..dreampose.pipeline.conditioning import check_condition_fits
+from ..dreampose.pipeline.sampling import compose_start, make_scheduler, start_components, stretch_frames
 from ..dreampose.settings import PAPER_SAMPLING, SAMPLERS, START_MODES, STRETCH_MODES, VAE_SCALE, SamplingOptions
-from . import device as dev
+from . import core_sampling as cs
 from . import preview
-from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_windows
+from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_core_unet, require_model, \
+    require_windows
 
 DEFAULTS = PAPER_SAMPLING   # the authors' settings
+AS_SAMPLER = "as sampler"   # core_sampler: the library's scheduler named by `sampler`
 
 
 class DualCFGSampler(io.ComfyNode):
@@ -28,8 +40,9 @@ class DualCFGSampler(io.ComfyNode):
             category="DreamPose/sampling",
             description=(
                 "Generates one frame per pose with DreamPose's dual classifier-free guidance "
-                "(eps = eps(0,0) + s_image·(eps(I,0) - eps(0,0)) + s_pose·(eps(I,P) - eps(I,0))), the three branches "
-                "in one UNet call, then decodes with the model's VAE. Cancel stops within one step."),
+                "(eps = eps(0,0) + s_image·(eps(I,0) - eps(0,0)) + s_pose·(eps(I,P) - eps(I,0))) on ComfyUI's "
+                "sampling (core's DualCFGGuider: the three branches in one UNet call, partial loading, LoRAs and "
+                "patches on the MODEL), then decodes with the model's VAE. Cancel stops within one step."),
             inputs=[
                 DreamPoseModelType.Input("model", tooltip="The DreamPose model from Load DreamPose."),
                 DreamPoseCondType.Input("cond", tooltip="The subject's condition from CLIPVAEAdapterEncode (same model)."),
@@ -55,6 +68,16 @@ class DualCFGSampler(io.ComfyNode):
                 io.Combo.Input("stretch", options=list(STRETCH_MODES), default=DEFAULTS.stretch,
                                tooltip="Contrast stretch of the decoded frames. none (default); per_frame: the "
                                        "authors' min-max per frame (flickers); sequence: one min-max for the clip."),
+                io.Combo.Input("core_sampler", options=[AS_SAMPLER, *comfy.samplers.SAMPLER_NAMES], default=AS_SAMPLER,
+                               optional=True,
+                               tooltip="'as sampler': step with the scheduler named in 'sampler' (pndm is the "
+                                       "authors'; the frames equal the library's). Any other: that ComfyUI sampler "
+                                       "on 'scheduler', with the same start, seed and guidance."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal", optional=True,
+                               tooltip="ComfyUI noise schedule for 'core_sampler' (unused with 'as sampler')."),
+                io.Model.Input("core_model", optional=True,
+                               tooltip="Optional: the DreamPose MODEL after core nodes changed it (LoRA loaders, "
+                                       "model patches), from Load DreamPose's MODEL output. Unconnected: the bundle's."),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
@@ -67,42 +90,65 @@ class DualCFGSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, cond, poses, s_image: float, s_pose: float, steps: int, sampler: str, seed: int,
-                frames_per_batch: int, start: str, stretch: str) -> io.NodeOutput:
+                frames_per_batch: int, start: str, stretch: str, core_sampler: str = AS_SAMPLER,
+                scheduler: str = "normal", core_model=None) -> io.NodeOutput:
+        model = require_model(model)
         windows = require_windows(poses)
-        cond = check_condition(model, cond)
+        cond = check_condition_fits(cond, model.cross_attention_dim, model.convention)
         options = SamplingOptions(width=windows.width, height=windows.height, steps=steps, sampler=sampler,
                                   s_image=s_image, s_pose=s_pose, seed=seed, start=start,
                                   frames_per_batch=frames_per_batch, stretch=stretch).check()
-        unet_dt, vae_dt, _ = dev.model_dtypes(model)
-        chunks = math.ceil(len(windows) / frames_per_batch)
-        pbar = comfy.utils.ProgressBar(1)
+        unet = require_core_unet(core_model) if core_model is not None else model.unet
+        image = [[cond.cond, {}]]
+        null = [[cond.uncond, {}]]
+        # the library's draws, in its order: the key frame's latent sample (official start), then the noise
+        generator = torch.Generator("cpu").manual_seed(seed)
+        key_latent, noise = start_components(model.view(), cond, options, generator=generator, device="cpu")
+        if core_sampler == AS_SAMPLER:
+            lib = make_scheduler(sampler, model.scheduler_config)
+            lib.set_timesteps(steps)
+            x_start = compose_start(lib, key_latent, noise)
+            sigmas = cs.schedule_sigmas(unet, sampler, steps, model.scheduler_config)
+        else:
+            sigmas = cs.core_sigmas(unet, core_sampler, scheduler, steps)
+            core = comfy.samplers.sampler_object(core_sampler)
+        start_latent = key_latent / VAE_SCALE if key_latent is not None else torch.zeros_like(noise)
+
+        total = len(windows)
+        chunks = math.ceil(total / frames_per_batch)
+        per_chunk = len(sigmas) - 1
+        ticks = per_chunk * chunks + chunks   # every step, and one tick per decoded chunk
+        pbar = comfy.utils.ProgressBar(ticks)
         previewer = preview.ChunkPreviewer()
-        decoded = [0]
-        last = [0, 1]  # steps done, steps total
+        done = [0]
 
-        def ticks_total() -> int:
-            return last[1] + chunks  # every step, and one tick per decoded chunk
-
-        def on_step(done: int, total: int, chunk_latents) -> None:
-            last[:] = [done, total]
-            pbar.update_absolute(done + decoded[0], ticks_total(), previewer(chunk_latents))
-            mm.throw_exception_if_processing_interrupted()  # also where no progress hook checks it
+        def on_step(step, x0, x, total_steps):
+            done[0] += 1
+            pbar.update_absolute(done[0], ticks, previewer(x0))
+            mm.throw_exception_if_processing_interrupted()
 
         # The output is allocated once; each chunk is denoised, decoded and written into it before the
         # next starts, so memory beyond the output does not grow with the number of frames.
         out = mm.intermediate_device()
         h, w = windows.height, windows.width
-        frames = torch.empty((len(windows), h, w, 3), dtype=torch.float32, device=out)
-        latents = torch.empty((len(windows), 4, h // 8, w // 8), dtype=torch.float32, device=out)
-        batch = 3 * min(frames_per_batch, len(windows))
-        extra = dev.working_memory(batch, h, w, unet_dt)
-        with dev.borrowed([(model.unet, unet_dt), (model.vae, vae_dt)], extra, owner=model):
-            for chunk in generate(model, cond, windows, options, generator=torch.Generator("cpu").manual_seed(seed),
-                                  callback=on_step):
-                frames[chunk.frames] = chunk.images
-                latents[chunk.frames] = chunk.latents / VAE_SCALE
-                del chunk
-                decoded[0] += 1
-                pbar.update_absolute(last[0] + decoded[0], ticks_total())
-                mm.throw_exception_if_processing_interrupted()
+        frames = torch.empty((total, h, w, 3), dtype=torch.float32, device=out)
+        latents = torch.empty((total, 4, h // 8, w // 8), dtype=torch.float32, device=out)
+        for first in range(0, total, frames_per_batch):
+            part = slice(first, min(first + frames_per_batch, total))
+            n = part.stop - part.start
+            positive, image_only, negative = cs.pose_conditionings(image, null, windows.windows(part))
+            if core_sampler == AS_SAMPLER:
+                chunk_sampler = cs.library_sampler(sampler, steps, model.scheduler_config,
+                                                   x_start.expand(n, -1, -1, -1), generator)
+            else:
+                chunk_sampler = core
+            z = cs.sample_chunk(unet, positive, image_only, negative, s_image, s_pose, sampler=chunk_sampler,
+                                sigmas=sigmas, noise=noise.expand(n, -1, -1, -1).clone(),
+                                latent_image=start_latent.expand(n, -1, -1, -1).clone(), seed=seed, callback=on_step)
+            latents[part] = z.to(out)
+            frames[part] = model.vae.decode(z).to(out, torch.float32)
+            del z
+            done[0] += 1
+            pbar.update_absolute(done[0], ticks)
+            mm.throw_exception_if_processing_interrupted()
         return io.NodeOutput(stretch_frames(frames, stretch), {"samples": latents})

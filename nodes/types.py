@@ -1,7 +1,8 @@
 """The pack's socket types. Namespaced so they never connect to another pack's look-alikes.
 
-* ``DREAMPOSE_MODEL``: a :class:`dreampose.models.bundle.DreamPoseModel` (UNet, adapter, VAE, CLIP vision,
-  convention); the dtypes the loader chose live in its ``info``.
+* ``DREAMPOSE_MODEL``: a :class:`nodes.native.NativeModel`: the core MODEL, CLIP_VISION and VAE plus
+  the adapter, the conditioning convention and the scheduler config; the dtypes the loader chose
+  live in its ``info``.
 * ``DREAMPOSE_COND``: a :class:`dreampose.pipeline.conditioning.ImageCondition` (key frame and null embeddings).
 * ``DREAMPOSE_POSE``: a DensePose UV sequence (``torch.Tensor`` ``[F,2,H,W]``) or, after
   ``DensePoseWindow5``, a :class:`dreampose.pipeline.poses.PoseWindows`. One type for both keeps the pose
@@ -12,6 +13,7 @@ from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
 from ..dreampose.pipeline.poses import PoseWindows
+from .native import DreamPoseSD15, NativeModel
 
 DreamPoseModelType = io.Custom("DREAMPOSE_MODEL")
 DreamPoseCondType = io.Custom("DREAMPOSE_COND")
@@ -36,3 +38,19 @@ def require_windows(poses) -> PoseWindows:
     if not isinstance(poses, PoseWindows):
         raise DreamPoseError(f"expected DreamPose pose windows, got {type(poses).__name__}")
     return poses
+
+
+def require_model(model) -> NativeModel:
+    """The DreamPose bundle, or a clear error saying what was connected instead."""
+    if not isinstance(model, NativeModel):
+        raise DreamPoseError(f"expected a DreamPose model from Load DreamPose, got {type(model).__name__}")
+    return model
+
+
+def require_core_unet(unet):
+    """A core MODEL of a DreamPose UNet (any LoRA or patch on it), or a clear error."""
+    config = getattr(getattr(unet, "model", None), "model_config", None)
+    if not isinstance(config, DreamPoseSD15):
+        raise DreamPoseError("core_model must be the DreamPose UNet: Load DreamPose's MODEL output, through any LoRA "
+                             "loader or model patch (a Stable Diffusion checkpoint's MODEL has no pose channels)")
+    return unet

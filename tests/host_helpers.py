@@ -49,24 +49,28 @@ class Env:
         self.models = models = root / "models"
         dp = models / "dreampose"
         dp.mkdir(parents=True)
-        tiny_dreampose(seed=0).save(str(dp / "tiny_dreampose.safetensors"), include_vae=True)
+        tiny_dreampose(seed=0, core=True).save(str(dp / "tiny_dreampose.safetensors"), include_vae=True)
         for name in ("notes.txt", "adapter_20.pth", "vae_20.pth", "unet_epoch_20.pth"):
             (dp / name).write_bytes(b"")  # only listed, never loaded
         self.clip = write_tiny_clip_folder(str(models / "clip_vision" / "tiny-clip"))
-        write_tiny_sd_folder(str(models / "diffusers" / "tiny-sd"))
+        write_tiny_sd_folder(str(models / "diffusers" / "tiny-sd"), core=True)
         (models / "checkpoints").mkdir()
         (models / "vae").mkdir()
+        (models / "loras").mkdir()
         # the names the shipped workflows use, so they validate without warnings
         (models / "checkpoints" / "v1-5-pruned-emaonly-fp16.safetensors").write_bytes(b"")
         (models / "clip_vision" / "clip-vit-base-patch32.safetensors").write_bytes(b"")
         self.weights = str(dp / "tiny_dreampose.safetensors")
         self.yaml = root / "extra_model_paths.yaml"
         # 'dreampose' is declared here too: the pack must extend this entry, not replace it
+        # is_default: these folders come first, so what the nodes write for core's loaders (models/loras,
+        # models/vae) lands here, not in the host's own models folder
         self.yaml.write_text(
             "dreampose_test:\n"
             f"  base_path: {models}\n"
+            "  is_default: true\n"
             "  checkpoints: checkpoints\n  diffusers: diffusers\n  clip_vision: clip_vision\n"
-            "  vae: vae\n  dreampose: dreampose\n")
+            "  vae: vae\n  loras: loras\n  dreampose: dreampose\n")
         self.input = root / "input"
         self.poses = self.input / "dreampose_poses"
         self.poses.mkdir(parents=True)
@@ -120,31 +124,34 @@ def log(proc) -> str:
 
 
 def object_info_checks(oi: dict, input_order: dict, outputs: dict) -> None:
-    """Every listed node: ours, in a DreamPose category, described, inputs in the promised order,
-    a tooltip on every input and output."""
+    """Every listed node: ours, in a DreamPose category, described, inputs in the promised order
+    (required, then optional), a tooltip on every input and output."""
     for node_id, order in input_order.items():
         info = oi[node_id]
         assert info["python_module"] == f"custom_nodes.{PACK}"
         assert info["category"].startswith("DreamPose/")
         assert info["description"].strip()
-        assert info["input_order"]["required"] == order, node_id
-        assert set(info["input"]) == {"required"}, node_id
-        for name, spec in info["input"]["required"].items():
+        # appended inputs are optional (an API prompt saved before they existed still validates)
+        given = info["input_order"]["required"] + info["input_order"].get("optional", [])
+        assert given == order, node_id
+        assert set(info["input"]) <= {"required", "optional"}, node_id
+        for name, spec in [*info["input"]["required"].items(), *info["input"].get("optional", {}).items()]:
             assert spec[1].get("tooltip", "").strip(), f"{node_id}.{name} has no tooltip"
         assert info["output"] == outputs[node_id]
         assert all(t and t.strip() for t in info["output_tooltips"]), node_id
 
 
-def host_probe(code: str, tmp_path: Path, *flags: str) -> dict:
+def host_probe(code: str, tmp_path: Path, *flags: str, vram_state: str | None = None) -> dict:
     """Run ``code`` inside a real ComfyUI (tests/comfy_host/probe.py) and return the JSON it prints last.
 
     The code sees ``pack`` (the pack imported as the package ``dreampose_pack``: the library is
-    ``dreampose_pack.dreampose``); ``flags`` are ComfyUI command-line flags such as ``--lowvram``.
+    ``dreampose_pack.dreampose``); ``flags`` are ComfyUI command-line flags such as ``--fp16-unet``;
+    ``vram_state`` (``LOW_VRAM``, ``NO_VRAM``) the memory mode ``--lowvram``/``--novram`` set on a GPU host.
     """
     script = tmp_path / f"probe_{abs(hash(code)) % 10**8}.py"
     script.write_text(code)
     cmd = [sys.executable, str(HOST / "probe.py"), "--comfy", COMFY_DIR, "--pack", str(ROOT), str(script)]
-    cmd += [f"--flag={f}" for f in flags]
+    cmd += [f"--flag={f}" for f in flags] + ([f"--vram-state={vram_state}"] if vram_state else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     if proc.returncode != 0:
         raise AssertionError(f"probe failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

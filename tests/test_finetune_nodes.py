@@ -35,7 +35,7 @@ INPUT_ORDER = {
                         "gradient_checkpointing", "precision", "optimizer", "lora_rank"],
     "VAEDecoderFinetune": ["model", "images", "name", "steps", "lr", "seed", "crop", "flip", "precision"],
 }
-OUTPUTS = {"SubjectFinetune": ["DREAMPOSE_MODEL"], "VAEDecoderFinetune": ["DREAMPOSE_MODEL"]}
+OUTPUTS = {"SubjectFinetune": ["DREAMPOSE_MODEL"], "VAEDecoderFinetune": ["DREAMPOSE_MODEL", "VAE"]}
 DEFAULTS = {
     "SubjectFinetune": {"name": "subject", "steps": 500, "lr": 1e-5, "seed": 0, "crop": True, "flip": False,
                         "gradient_checkpointing": False, "precision": "fp32", "optimizer": "adamw", "lora_rank": 0},
@@ -215,6 +215,16 @@ def test_saved_files_and_metadata(env, first_run):
     assert json.loads(vae["settings"])["steps"] == VAE_STEPS
     assert all(k.startswith("vae.decoder.") for k in keys["alice_vae.safetensors"])
     assert {k.split(".")[0] for k in keys["alice.safetensors"]} == {"unet", "adapter"}
+    # for core's loaders: the whole finetuned VAE in ldm keys in models/vae; a full subject finetune has no LoRA
+    assert sorted(os.listdir(env.models / "vae")) == ["alice_vae.safetensors"]
+    assert os.listdir(env.models / "loras") == []
+    with safe_open(str(env.models / "vae" / "alice_vae.safetensors"), "pt") as f:
+        export, export_keys = f.metadata(), set(f.keys())
+    assert (export["format"], export["kind"], export["subject"]) == ("dreampose", "vae_export", "alice_vae.safetensors")
+    assert export["cache_key"] == vae["cache_key"]
+    assert {"encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight",
+            "post_quant_conv.weight"} <= export_keys
+    assert not any(k.startswith(("vae.", "first_stage_model.")) for k in export_keys)
 
 
 def test_second_run_trains_nothing(env, first_run, second_run):
@@ -244,8 +254,10 @@ def test_input_model_not_changed(first_run, second_run):
 def test_subject_combo_lists_saved_finetunes(second_run):
     loader = second_run.object_info["LoadDreamPose"]["input"]["required"]
     assert loader["subject"][1]["options"] == ["none", "alice.safetensors", "alice_vae.safetensors"]
-    # a subject file is applied on top of weights, never offered as weights or as a VAE
-    assert not any("alice" in o for o in loader["dreampose_weights"][1]["options"] + loader["vae"][1]["options"])
+    # a subject file is applied on top of weights, never offered as weights or as a VAE; the VAE finetune's
+    # export in models/vae is a whole VAE, offered once
+    assert not any("alice" in o for o in loader["dreampose_weights"][1]["options"])
+    assert [o for o in loader["vae"][1]["options"] if "alice" in o] == ["alice_vae.safetensors"]
 
 
 def test_cancel_leaves_no_file(env, first_run):
@@ -304,6 +316,33 @@ def test_lora_finetune_then_name_of_the_other_kind_refused(env, second_run):
     assert (meta["mode"], meta["lora_rank"], meta["kind"]) == ("lora", "4", "subject")
     assert keys and all(k.startswith(("unet_lora.", "adapter.")) for k in keys)
     assert any(k.endswith(".lora_A") for k in keys)
+    with safe_open(str(env.models / "loras" / "alice_lora.safetensors"), "pt") as f:
+        export, export_keys = f.metadata(), list(f.keys())
+    assert (export["kind"], export["subject"], export["ss_network_dim"]) == ("lora_export", "alice_lora.safetensors",
+                                                                           "4")
+    assert export_keys and all(k.startswith("lora_unet_") for k in export_keys)
+    assert {k.rsplit(".", 2)[-2] if k.endswith(".weight") else "alpha" for k in export_keys} == \
+        {"lora_down", "lora_up", "alpha"}
+
+    # core's own LoraLoaderModelOnly on the base MODEL + the finetuned adapter's condition = the finetuned model
+    compose = {k: v for k, v in prompt.items() if k in ("1", "2", "3", "4", "5", SUBJECT_NODE, "9", "10")}
+    compose.update({
+        "40": node("LoraLoaderModelOnly", model=["1", 1], lora_name="alice_lora.safetensors", strength_model=1.0),
+        "41": node("CLIPVAEAdapterEncode", model=[SUBJECT_NODE, 0], image=["2", 0], conditioning_latent="mode",
+                   seed=0),
+        "42": node("DualCFGSampler", model=[SUBJECT_NODE, 0], cond=["41", 0], poses=["10", 0], s_image=3.0,
+                   s_pose=2.0, steps=2, sampler="ddim", seed=5, frames_per_batch=4, start="noise", stretch="none"),
+        "43": node("DualCFGSampler", model=["1", 0], cond=["41", 0], poses=["10", 0], s_image=3.0, s_pose=2.0,
+                   steps=2, sampler="ddim", seed=5, frames_per_batch=4, start="noise", stretch="none",
+                   core_model=["40", 0]),
+        "44": node("SaveLatent", samples=["42", 1], filename_prefix="merged"),
+        "45": node("SaveLatent", samples=["43", 1], filename_prefix="core_lora"),
+    })
+    composed = env.run("lora_compose", compose)
+    assert composed.returncode == 0, log(composed)
+    assert "lora key not loaded" not in composed.stderr, log(composed)      # every key of the file applied
+    merged, core_lora = _latent(composed.out, "merged"), _latent(composed.out, "core_lora")
+    assert (merged - core_lora).abs().max() <= 1e-5 * merged.abs().max(), (merged - core_lora).abs().max()
 
 
 # Fresh process: ComfyUI's folder_paths, optionally an extra_model_paths.yaml, then the pack's

@@ -36,12 +36,15 @@ INPUT_ORDER = {
     "DreamPoseLoadUV": ["folder", "start", "count"],
     "DensePoseWindow5": ["uv", "width", "height"],
     "DualCFGSampler": ["model", "cond", "poses", "s_image", "s_pose", "steps", "sampler", "seed",
-                       "frames_per_batch", "start", "stretch"],
+                       "frames_per_batch", "start", "stretch", "core_sampler", "scheduler", "core_model"],
+    "DreamPoseApplyPose": ["image", "null", "poses", "start", "seed", "vae", "key_frame"],
 }
 OUTPUTS = {
-    "LoadDreamPose": ["DREAMPOSE_MODEL"], "CLIPVAEAdapterEncode": ["DREAMPOSE_COND"],
+    "LoadDreamPose": ["DREAMPOSE_MODEL", "MODEL", "CLIP_VISION", "VAE"],
+    "CLIPVAEAdapterEncode": ["DREAMPOSE_COND", "CONDITIONING", "CONDITIONING"],
     "DreamPoseLoadUV": ["DREAMPOSE_POSE"], "DensePoseWindow5": ["DREAMPOSE_POSE"],
     "DualCFGSampler": ["IMAGE", "LATENT"],
+    "DreamPoseApplyPose": ["CONDITIONING", "CONDITIONING", "CONDITIONING", "LATENT"],
 }
 
 # the main prompt: sizes and seeds the library-side check below repeats
@@ -131,7 +134,7 @@ def test_model_folders_from_extra_model_paths(main_run):
     assert loader["base_model"] == ["none", "v1-5-pruned-emaonly-fp16.safetensors", "tiny-sd"]
     assert loader["clip_vision"] == ["clip-vit-base-patch32.safetensors", "tiny-clip"]
     assert loader["vae"] == ["from weights or base", "vae_20.pth [dreampose]"]
-    assert loader["dtype"] == ["auto", "fp32", "fp16", "bf16"]
+    assert loader["dtype"] == ["auto", "fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
     assert loader["vae_dtype"] == ["auto", "fp32", "bf16", "fp16"]
     assert loader["convention"] == ["auto", "official", "standard"]
     assert loader["subject"] == ["none"]  # no finetunes saved yet (tests/test_finetune_nodes.py lists some)
@@ -167,7 +170,10 @@ def test_node_output_equals_library(main_run, host_env):
         want = sample(model, cond, windows, options, generator=torch.Generator().manual_seed(SAMPLE_SEED))
         frames = decode(model, want, batch_size=4)
     got = load_file(next(main_run.out.glob("animate_*.latent")))["latent_tensor"]
-    torch.testing.assert_close(got, want / VAE_SCALE, rtol=1e-5, atol=1e-5)
+    # the UNet evaluated by core's code (its attention and conv kernels) against diffusers', the DDIM steps the
+    # library's: measured 1.05e-4 on latents up to 42 (2.5e-6 of their scale) after two steps
+    diff, scale = (got - want / VAE_SCALE).abs().max().item(), (want / VAE_SCALE).abs().max().item()
+    assert diff <= 1e-5 * max(1.0, scale), (diff, scale)
     first = np.asarray(Image.open(sorted(main_run.out.glob("animate_*.png"))[0])).astype(int)
     assert np.abs(first - (frames[0].numpy() * 255).round().astype(int)).max() <= 1
 
@@ -212,7 +218,7 @@ def test_workflow_validates_and_converts(main_run, host_env):
     wf = json.loads(WORKFLOW.read_text())
     assert wf["version"] == 0.4
     types = {n["type"] for n in wf["nodes"]}
-    assert set(INPUT_ORDER) <= types and {"LoadImage", "SaveAnimatedWEBP"} <= types
+    assert set(INPUT_ORDER) - {"DreamPoseApplyPose"} <= types and {"LoadImage", "SaveAnimatedWEBP"} <= types
     loader = next(n for n in wf["nodes"] if n["type"] == "LoadDreamPose")
     assert loader["properties"]["Node name for S&R"] == "LoadDreamPose"
     for m in loader["properties"]["models"]:
