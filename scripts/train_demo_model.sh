@@ -3,6 +3,8 @@
 # From nothing: the synthetic world -> a miniature "SD 1.x + CLIP" (autoencoder pretrained on world frames, random
 # UNet and CLIP tower) -> stage 1 with `python -m dreampose train` -> one fp16 file with UNet, adapter, VAE and CLIP.
 # VARIANT=clip or VARIANT=onepose trains the paper's Table-2 ablations (CLIP-only, 1 pose) with the same budget.
+# Widths: dreampose/demo/build.py (DEMO_UNET, DEMO_VAE), every GroupNorm with 32 groups, so the model also runs
+# through ComfyUI's own UNet and VAE code (the nodes' native route), as real SD 1.x weights do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -34,15 +34,17 @@ from ..settings import DEMO_HEIGHT, DEMO_WIDTH, VAE_SCALE
 from .config import DEMO_FILE
 from .tiny import write_component
 
+# Widths whose GroupNorm layers have 32 groups, as ComfyUI's own UNet and VAE code computes them, so
+# the demo model runs through core's sampling stack as real SD 1.x weights do.
 DEMO_UNET = {
     "sample_size": 24, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
     "block_out_channels": [32, 64, 96],
     "down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3,
-    "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 8,
+    "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 32,
 }
 DEMO_VAE = {
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1,
-    "block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "sample_size": 192,
+    "block_out_channels": [32, 32, 32, 32], "norm_num_groups": 32, "sample_size": 192,
     "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
     "scaling_factor": VAE_SCALE,
 }
