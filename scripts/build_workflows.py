@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the generated example workflows (UI format, version 0.4, what the frontend saves) in workflows/.
 
-  python scripts/build_workflows.py OBJECT_INFO.json
+  python scripts/build_workflows.py OBJECT_INFO.json [NAME.json ...]
 
 Sockets, widget order and defaults come from the host's /object_info (tests/comfy_host/headless.py
 --object-info writes one), so a saved graph matches what the frontend would build. Only the
@@ -230,14 +230,73 @@ def demo(oi: dict) -> Graph:
     return g
 
 
+NATIVE_NOTE = """## DreamPose on ComfyUI's own sampling
+
+The same animation as *dreampose_animate*, built from core nodes: DreamPose gives the conditionings and the start latent, ComfyUI samples.
+
+1. **Models** as in *dreampose_animate*. **LoraLoaderModelOnly** puts a LoRA on the DreamPose UNet: a subject LoRA that *Subject Finetune* wrote to `models/loras/` (`lora_rank` > 0; use the same subject's finetuned model or photo), or any SD 1.x LoRA. No LoRA? Bypass the node (Ctrl+B).
+2. **Encode Key Frame** gives the subject's CONDITIONING (`image`) and the null image's (`null`); **Apply Pose** adds the pose windows: `positive` = image + pose, `image_only` = image + null pose, `negative` = null + null, and a start latent with one frame per pose, all frames sharing one noise.
+3. **DualCFGGuider** is DreamPose's dual guidance: `cfg_conds` = s_pose (paper 3), `cfg_cond2_negative` = s_image (paper 8), style `regular`.
+4. Any sampler and scheduler (**KSamplerSelect**, **BasicScheduler**), **SamplerCustomAdvanced**, core **VAE Decode**.
+
+All frames are sampled in one batch (three conds each): for long clips on a small card use *Dual-CFG Sampler*, which takes `frames_per_batch` frames at a time and accepts this MODEL in `core_model`."""
+
+
+def native_sampling(oi: dict) -> Graph:
+    g = Graph(oi)
+    g.add("MarkdownNote", (40, -400), [NATIVE_NOTE], title="Read me", size=[900, 360])
+    loader = g.add("LoadDreamPose", (40, 40), list(LOADER), models=[SD15, CLIP])
+    photo = g.add("LoadImage", (40, 400), ["key_frame.png", "image"], title="Subject photo")
+    uv = g.add("DreamPoseLoadUV", (40, 820), ["dreampose_poses", 0, 0])
+    enc = g.add("CLIPVAEAdapterEncode", (460, 40), ["sample", 0, "fixed"])
+    win = g.add("DensePoseWindow5", (460, 820), [512, 640])
+    lora = g.add("LoraLoaderModelOnly", (460, 260), ["my_subject.safetensors", 1.0])
+    pose = g.add("DreamPoseApplyPose", (860, 400), ["official", 0, "fixed"])
+    guider = g.add("DualCFGGuider", (1260, 40), [3.0, 8.0, "regular"], title="DualCFGGuider (cfg_conds = s_pose, "
+                                                                              "cfg_cond2_negative = s_image)")
+    sampler = g.add("KSamplerSelect", (1260, 340), ["dpmpp_2m"])
+    sigmas = g.add("BasicScheduler", (1260, 460), ["karras", 30, 1.0])
+    noise = g.add("RandomNoise", (1260, 640), [0, "fixed"])
+    run = g.add("SamplerCustomAdvanced", (1660, 300))
+    decode = g.add("VAEDecode", (2040, 300))
+    save = g.add("SaveAnimatedWEBP", (2300, 300), ["DreamPose_native", 8.0, False, 90, "default"], size=[420, 560])
+    g.link(loader, 0, enc, "model")
+    g.link(photo, 0, enc, "image")
+    g.link(uv, 0, win, "uv")
+    g.link(loader, 1, lora, "model")
+    g.link(enc, 1, pose, "image")
+    g.link(enc, 2, pose, "null")
+    g.link(win, 0, pose, "poses")
+    g.link(loader, 3, pose, "vae")
+    g.link(photo, 0, pose, "key_frame")
+    g.link(lora, 0, guider, "model")
+    g.link(pose, 0, guider, "cond1")
+    g.link(pose, 1, guider, "cond2")
+    g.link(pose, 2, guider, "negative")
+    g.link(lora, 0, sigmas, "model")
+    g.link(noise, 0, run, "noise")
+    g.link(guider, 0, run, "guider")
+    g.link(sampler, 0, run, "sampler")
+    g.link(sigmas, 0, run, "sigmas")
+    g.link(pose, 3, run, "latent_image")
+    g.link(run, 0, decode, "samples")
+    g.link(loader, 3, decode, "vae")
+    g.link(decode, 0, save, "images")
+    return g
+
+
 WORKFLOWS = {"dreampose_demo.json": demo,
+             "dreampose_native_sampling.json": native_sampling,
              "dreampose_video_to_animation.json": video_to_animation,
              "dreampose_guidance_sweep.json": guidance_sweep}
 
 
 def main() -> None:
     oi = json.loads(Path(sys.argv[1]).read_text())
+    wanted = sys.argv[2:] or list(WORKFLOWS)      # e.g. dreampose_native_sampling.json: that one only
     for name, build in WORKFLOWS.items():
+        if name not in wanted:
+            continue
         build(oi).save(ROOT / "workflows" / name, name)
         print("wrote", ROOT / "workflows" / name)
 

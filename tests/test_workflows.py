@@ -38,7 +38,9 @@ TINY = {
     "SubjectFinetune": {"steps": 1},
     "VAEDecoderFinetune": {"steps": 1},
     "DreamPoseDensePose": {"detect_resolution": 64, "frames_per_batch": 2},
+    "BasicScheduler": {"steps": 2},
 }
+LORA_FILE = "my_subject.safetensors"   # the subject LoRA the native-sampling workflow loads
 
 
 def load(path: Path) -> dict:
@@ -75,7 +77,31 @@ def test_workflow_file_shape(path):
 def test_the_issue_workflows_are_shipped():
     names = {p.name for p in WORKFLOWS}
     assert {"dreampose_animate.json", "dreampose_finetune_animate.json", "dreampose_video_to_animation.json",
-            "dreampose_guidance_sweep.json", "dreampose_demo.json"} <= names
+            "dreampose_guidance_sweep.json", "dreampose_demo.json", "dreampose_native_sampling.json"} <= names
+
+
+def test_native_workflow_is_core_sampling_with_dreamposes_guidance():
+    """DreamPose's parts feed core's sampling: a LoRA on the MODEL, DualCFGGuider with the paper's scales
+    in the right slots (cfg_conds = s_pose 3, cfg_cond2_negative = s_image 8, regular), core VAE Decode."""
+    wf = load(WORKFLOW_DIR / "dreampose_native_sampling.json")
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    by_type = {n["type"]: n for n in wf["nodes"]}
+    links = {lk[0]: lk for lk in wf["links"]}
+
+    def source(node_type: str, input_name: str) -> tuple[str, int]:
+        inp = next(i for i in by_type[node_type]["inputs"] if i["name"] == input_name)
+        _, origin, slot, *_ = links[inp["link"]]
+        return nodes[origin]["type"], slot
+
+    assert by_type["DualCFGGuider"]["widgets_values"] == [3.0, 8.0, "regular"]
+    assert source("LoraLoaderModelOnly", "model") == ("LoadDreamPose", 1)          # the core MODEL output
+    assert source("DualCFGGuider", "model") == ("LoraLoaderModelOnly", 0)
+    assert [source("DualCFGGuider", k) for k in ("cond1", "cond2", "negative")] == [
+        ("DreamPoseApplyPose", 0), ("DreamPoseApplyPose", 1), ("DreamPoseApplyPose", 2)]
+    assert source("SamplerCustomAdvanced", "latent_image") == ("DreamPoseApplyPose", 3)
+    assert source("VAEDecode", "vae") == ("LoadDreamPose", 3)
+    assert {source("DreamPoseApplyPose", k) for k in ("image", "null")} == {("CLIPVAEAdapterEncode", 1),
+                                                                             ("CLIPVAEAdapterEncode", 2)}
 
 
 def test_video_workflow_runs_densepose_on_the_video_and_the_photo():
@@ -146,12 +172,28 @@ def wf_env(tmp_path_factory):
     save_script(fake, env.models / "densepose" / DENSEPOSE_FILE)
     env.yaml.write_text(env.yaml.read_text() + "  densepose: densepose\n")
     write_uv_folder(env.input / "dreampose_subject_uv", 1, seed=6)
+    write_tiny_lora(env.models / "loras" / LORA_FILE)
     write_video(env.input / VIDEO)
     oi_path = env.root / "oi.json"
     proc = env.run("object-info", None, "--object-info", str(oi_path))
     assert proc.returncode == 0, log(proc)
     env.oi_path = oi_path
     return env
+
+
+def write_tiny_lora(path: Path) -> None:
+    """A rank-2 kohya LoRA of every attention projection of the tiny test UNet (what SubjectFinetune exports)."""
+    from safetensors.torch import save_file
+
+    from dreampose.demo.tiny import tiny_dreampose
+    from dreampose.models.lora import LORA_TARGETS, LoraDelta, kohya_state
+
+    unet = tiny_dreampose(seed=0, core=True).unet
+    g = torch.Generator().manual_seed(8)
+    factors = {name: (torch.randn(2, m.in_features, generator=g) * 0.1, torch.randn(m.out_features, 2, generator=g))
+               for name, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS)}
+    save_file(kohya_state(LoraDelta(factors, 2, 2.0, [], "")), str(path))
 
 
 def tiny(api: dict, stem: str) -> dict:
