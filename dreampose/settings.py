@@ -29,6 +29,10 @@ WINDOW_OFFSETS = tuple(range(-(POSE_FRAMES // 2), POSE_FRAMES // 2 + 1))   # (-2
 ONE_POSE_OFFSETS = (0,) * POSE_FRAMES                                        # the paper's 1-pose ablation
 LATENT_SCALE = 8                     # pixels per latent cell
 SIZE_MULTIPLE = 64                   # output sizes are multiples of this
+MAX_SIZE = 4096                      # largest width or height of a generated frame (the nodes' limit too)
+MAX_SEED = 2 ** 64 - 1               # seeds are unsigned 64-bit, as torch.Generator.manual_seed takes them
+MAX_GUIDANCE = 30.0                  # s_I and s_p lie in 0..this (the nodes' sliders; the paper uses 3..8)
+MAX_LR = 1.0                         # a learning rate above this is a typo, not a setting
 COND_HEIGHT, COND_WIDTH = 640, 512   # the adapter's Linear(1280, 768) fixes the conditioning branch here
 VAE_SCALE = 0.18215                  # a literal in the authors' code, equal to SD 1.x's scaling_factor
 
@@ -59,17 +63,19 @@ BENCH_FINETUNE_MODES = ("full", "full+checkpointing", "lora", "vae")
 # ------------------------------------------------------------------------------ options
 
 
-def option(default=MISSING, help: str = "", *, flag: str | None = "", minimum=None, kind: str | None = None,
+def option(default=MISSING, help: str = "", *, flag: str | None = "", minimum=None, maximum=None,
+           kind: str | None = None,
            choices=None, group: str | None = None, cli: dict | None = None, factory=None, only: str | None = None):
     """A dataclass field carrying what the CLI, the nodes and the docs need to know about it.
 
     ``flag``: "" derives ``--name-with-dashes``; None keeps the field off the command line.
-    ``kind``: ``positive`` (> 0), ``unit`` (0..1), ``finite`` (floats); ``minimum`` for whole numbers.
+    ``kind``: ``positive`` (> 0), ``unit`` (0..1), ``finite`` (floats); ``minimum``/``maximum`` for whole
+    numbers.
     ``cli``: extra ``argparse.add_argument`` keywords (``nargs``, ``action``, ``metavar``, ``dest``…).
     ``only``: the one variant the option applies to (a finetune kind), where several share the class.
     """
-    meta = {"help": help, "flag": flag, "minimum": minimum, "kind": kind, "choices": choices, "group": group,
-            "cli": dict(cli or {}), "only": only}
+    meta = {"help": help, "flag": flag, "minimum": minimum, "maximum": maximum, "kind": kind, "choices": choices,
+            "group": group, "cli": dict(cli or {}), "only": only}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -90,6 +96,7 @@ class OptionInfo:
     group: str | None
     cli: dict
     only: str | None = None
+    maximum: int | None = None
 
 
 def options_of(cls, defaults=None) -> list[OptionInfo]:
@@ -112,16 +119,35 @@ def options_of(cls, defaults=None) -> list[OptionInfo]:
         if flag == "":
             flag = "--" + f.name.replace("_", "-")
         out.append(OptionInfo(f.name, hints[f.name], default, meta["help"], flag, meta["minimum"], meta["kind"],
-                              meta["choices"], meta["group"], meta["cli"], meta["only"]))
+                              meta["choices"], meta["group"], meta["cli"], meta["only"], meta["maximum"]))
     return out
 
 
 def check_output_size(height: int, width: int) -> None:
-    """Output sizes are positive multiples of 64 (the UNet halves the latent three times)."""
+    """Output sizes are positive multiples of 64 (the UNet halves the latent three times), at most
+    :data:`MAX_SIZE`: checked before any work, where a huge size would only fail after minutes."""
     if height <= 0 or width <= 0 or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
         raise DreamPoseError(
             f"output size {width}×{height} (W×H) is not a multiple of 64; pick e.g. 512×640, the size "
             "DreamPose was trained at")
+    if height > MAX_SIZE or width > MAX_SIZE:
+        raise DreamPoseError(f"output size {width}×{height} (W×H) is larger than {MAX_SIZE}×{MAX_SIZE}; "
+                             "DreamPose was trained at 512×640")
+
+
+def check_guidance(scale, what: str) -> float:
+    """A guidance scale: finite, 0 … :data:`MAX_GUIDANCE` (1 = that branch's guidance off)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= MAX_GUIDANCE:
+        raise DreamPoseError(f"{what} must be a number from 0 to {MAX_GUIDANCE:g}, got {scale!r} (the paper uses "
+                             "3 to 8; 1 turns that guidance off)")
+    return float(scale)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """A whole number 0 … 2**64−1 (what ``torch.Generator.manual_seed`` accepts)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DreamPoseError(f"{what} must be a whole number from 0 to 2**64-1, got {seed!r}")
+    return seed
 
 
 def check_choice(value, choices, what: str):
@@ -173,7 +199,8 @@ class SamplingOptions:
                           choices=SAMPLERS, group="sampling")
     s_image: float = option(8.0, "image guidance s_I (default {default:g})", kind="finite", group="sampling")
     s_pose: float = option(3.0, "pose guidance s_p (default {default:g})", kind="finite", group="sampling")
-    seed: int = option(0, "seed for every random draw (default {default})", group="sampling")
+    seed: int = option(0, "seed for every random draw (default {default})", minimum=0, maximum=MAX_SEED,
+                       group="sampling")
     start: str = option("official", "x_T: the key frame latent noised to the first step (official) or pure noise "
                                     "(default {default})", choices=START_MODES, group="sampling")
     conditioning_latent: str = option(
@@ -187,6 +214,9 @@ class SamplingOptions:
     def check(self) -> SamplingOptions:
         """Every field valid, or a DreamPoseError naming the first wrong one."""
         check_output_size(self.height, self.width)
+        check_seed(self.seed)
+        check_guidance(self.s_image, "s_image")
+        check_guidance(self.s_pose, "s_pose")
         if self.steps < 1:
             raise DreamPoseError(f"steps must be at least 1, got {self.steps}")
         if self.frames_per_batch < 1:
@@ -228,7 +258,7 @@ class FinetuneSettings:
     steps: int = option(500, "optimizer steps (default {default})", minimum=1)
     lr: float = option(1e-5, "learning rate, AdamW (default {default:g})", kind="positive")
     batch_size: int = option(1, "samples per step (default {default})", minimum=1)
-    seed: int = option(0, "seed of every random draw (default {default})")
+    seed: int = option(0, "seed of every random draw (default {default})", minimum=0, maximum=MAX_SEED)
     crop: bool = option(True, "no random crops (default: crop image and pose with the same box)", flag="--no-crop",
                         cli={"action": "store_const", "const": False})
     flip: bool = option(False, "random horizontal flips (default off)", cli={"action": "store_const", "const": True})
@@ -303,8 +333,8 @@ def check_settings(settings: FinetuneSettings | None, kind: str = "subject") -> 
     problems = []
     if not isinstance(s.steps, int) or s.steps < 1:
         problems.append(f"steps must be a whole number ≥ 1 (got {s.steps!r})")
-    if not (s.lr > 0 and s.lr < float("inf")):
-        problems.append(f"lr must be a positive number (got {s.lr!r})")
+    if not (s.lr > 0 and s.lr <= MAX_LR):
+        problems.append(f"lr must be a positive number no larger than {MAX_LR:g} (got {s.lr!r})")
     if not isinstance(s.batch_size, int) or s.batch_size < 1:
         problems.append(f"batch_size must be ≥ 1 (got {s.batch_size!r})")
     if s.precision not in PRECISIONS:
@@ -327,6 +357,8 @@ def check_settings(settings: FinetuneSettings | None, kind: str = "subject") -> 
         problems.append("weight_decay and max_grad_norm must be ≥ 0")
     if s.decoder_range not in DECODER_RANGES:
         problems.append(f"decoder_range must be one of {DECODER_RANGES} (got {s.decoder_range!r})")
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
+        problems.append(f"seed must be a whole number from 0 to 2**64-1 (got {s.seed!r})")
     if problems:
         raise DreamPoseError("finetune settings: " + "; ".join(problems))
     check_output_size(s.height, s.width)
@@ -366,7 +398,8 @@ class TrainConfig:
                                  "computed", minimum=1, group="training")
     lr: float = option(5e-6, "AdamW learning rate, constant (default {default:g})", kind="positive",
                        group="training")
-    seed: int = option(0, "seed of every random draw (default {default})", group="training")
+    seed: int = option(0, "seed of every random draw (default {default})", minimum=0, maximum=MAX_SEED,
+                       group="training")
     height: int = option(640, "target height, a multiple of 64 (default {default})", group="training")
     width: int = option(512, "target width, a multiple of 64 (default {default})", group="training")
     pose_window: int = option(5, "5: poses j-2..j+2 (default); 1: pose j in all five slots (the paper's 1-pose "
@@ -380,6 +413,9 @@ class TrainConfig:
                                   cli={"default": None})
     gradient_checkpointing: bool = option(False, "less memory, slower", group="training",
                                           cli={"action": "store_true"})
+    strict: bool = option(False, "stop before the first step when a video has an unreadable frame or pose file "
+                                 "(default: skip such videos and count them in the log)", group="training",
+                          cli={"action": "store_true"})
     cache_conditioning: bool = option(
         False, "keep each frame's frozen encodings (CLIP tokens, VAE posteriors) and poses in memory after first "
                "use: much faster on small datasets, memory grows with the dataset", group="training",
@@ -426,8 +462,8 @@ class TrainConfig:
                 problems.append(f"{name} must be a whole number ≥ 1 (got {value!r})")
         if not isinstance(c.workers, int) or c.workers < 0:
             problems.append(f"workers must be ≥ 0 (got {c.workers!r})")
-        if not (c.lr > 0 and math.isfinite(c.lr)):
-            problems.append(f"lr must be a positive number (got {c.lr!r})")
+        if not (c.lr > 0 and c.lr <= MAX_LR):
+            problems.append(f"lr must be a positive number no larger than {MAX_LR:g} (got {c.lr!r})")
         if c.pose_window not in POSE_WINDOWS:
             problems.append(f"pose_window must be 5 (poses j−2..j+2) or 1 (pose j only), got {c.pose_window!r}")
         if c.conditioning not in CONDITIONINGS:
@@ -464,8 +500,8 @@ class EvalSettings:
                             group=_EVAL_SAMPLING)
     s_pose: float = option(PAPER_SAMPLING.s_pose, "pose guidance (default {default:g})", kind="finite",
                            group=_EVAL_SAMPLING)
-    seed: int = option(PAPER_SAMPLING.seed, "seed of sampling and finetuning (default {default})",
-                       group=_EVAL_SAMPLING)
+    seed: int = option(PAPER_SAMPLING.seed, "seed of sampling and finetuning (default {default})", minimum=0,
+                       maximum=MAX_SEED, group=_EVAL_SAMPLING)
     frames_per_batch: int = option(PAPER_SAMPLING.frames_per_batch, "frames sharing one UNet call (default "
                                    "{default})", minimum=1, group=_EVAL_SAMPLING)
     height: int | None = option(None, "sampling height, a multiple of 64 (default: the ground truth's)",
@@ -483,7 +519,8 @@ class EvalSettings:
                                        kind="positive", group=_EVAL_FINETUNE)
     vae_finetune_lr: float | None = option(None, "default " + f"{VAE_FINETUNE_DEFAULTS['lr']:g}" + " (the VAE "
                                            "decoder finetune's)", kind="positive", group=_EVAL_FINETUNE)
-    shuffle_seed: int = option(0, "seed of the shuffled-pose control (default {default})", group="metrics")
+    shuffle_seed: int = option(0, "seed of the shuffled-pose control (default {default})", minimum=0,
+                               maximum=MAX_SEED, group="metrics")
     save_frames: bool = option(False, "also write the generated frames and a contact sheet (generated above ground "
                                       "truth)", group="output", cli={"action": "store_true"})
 
@@ -551,7 +588,7 @@ class SynthSettings:
     frames: int = option(24, "frames per video (default {default})", cli={"type": int})
     height: int = option(320, "frame height in pixels, at least 32 (default {default})", cli={"type": int})
     width: int = option(256, "frame width in pixels, at least 32 (default {default})", cli={"type": int})
-    seed: int = option(0, "dataset seed (default {default})", minimum=0)
+    seed: int = option(0, "dataset seed (default {default})", minimum=0, maximum=MAX_SEED)
     split: str = option("train", "default {default}", choices=SPLITS)
     mp4: bool = option(False, "also write each video as video.mp4 in its folder (an input for `prepare`)",
                        cli={"action": "store_true"})
@@ -573,7 +610,7 @@ class BenchSettings:
     repeats: int = option(3, "timed sampling runs (median)", minimum=1)
     forward_repeats: int = option(1, "blocks of bare UNet forwards (one chunk's worth each) timed after each "
                                      "sampling run", minimum=1)
-    seed: int = option(0, "seed (default {default})")
+    seed: int = option(0, "seed (default {default})", minimum=0, maximum=MAX_SEED)
     finetune_steps: int = option(6, "optimizer steps per mode (default {default}; the first is set-up and not in the "
                                     "median)", minimum=2, group="finetuning (--finetune)")
     lora_rank: int = option(4, "rank for the lora mode (default {default})", minimum=1,

@@ -23,7 +23,7 @@ from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
 from ..dreampose.files.atomic import atomic_save_safetensors
-from ..dreampose.files.weights import format_metadata, read_metadata
+from ..dreampose.files.weights import format_metadata, holds_finetune, read_metadata
 from ..dreampose.models.lora import kohya_state, lora_delta_of
 from ..dreampose.settings import OPTIMIZERS, PRECISIONS, FinetuneSettings, finetune_defaults
 from ..dreampose.training.finetune import finetune_to_file
@@ -274,7 +274,9 @@ class _FinetuneNode(io.ComfyNode):
                 with torch.inference_mode():
                     lib = model.view(vae=native.diffusers_vae(model.vae, model.vae_config))
                 frozen = []     # the whole VAE is copied to the device: nothing of the input model moves
+            # a finetune this pack saved under that name is replaced (ComfyUI reruns); any other file never
             result = finetune_to_file(kind, lib, photos, uv, settings, path, callback=progress, base=None,
+                                      overwrite=holds_finetune(path, kind),
                                       search_folders=folders.subject_dirs(),
                                       borrow=lambda: dev.borrowed([], TRAINING_MEMORY, owner=model, core=frozen))
             new = model.replace(result.model, unet=kind == "subject", vae=kind == "vae")

@@ -5,11 +5,9 @@ from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
 from ..dreampose.pipeline.poses import list_uv_files, load_uv_folder, make_pose_windows
-from ..dreampose.settings import PAPER_SAMPLING, check_output_size
+from ..dreampose.settings import MAX_SIZE, PAPER_SAMPLING, check_output_size
 from . import folders
 from .types import DreamPosePoseType, require_uv
-
-MAX_SIZE = 4096
 
 
 class DreamPoseLoadUV(io.ComfyNode):

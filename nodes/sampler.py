@@ -19,7 +19,7 @@ import comfy.samplers
 import comfy.utils
 from comfy_api.latest import io
 
-from ..dreampose.pipeline.conditioning import check_condition_fits
+from ..dreampose.pipeline.conditioning import check_condition_fits, check_condition_source
 from ..dreampose.pipeline.sampling import compose_start, make_scheduler, start_components, stretch_frames
 from ..dreampose.settings import PAPER_SAMPLING, SAMPLERS, START_MODES, STRETCH_MODES, VAE_SCALE, SamplingOptions
 from . import core_sampling as cs
@@ -95,6 +95,8 @@ class DualCFGSampler(io.ComfyNode):
         model = require_model(model)
         windows = require_windows(poses)
         cond = check_condition_fits(cond, model.cross_attention_dim, model.convention)
+        library_view = model.view()
+        check_condition_source(library_view, cond)
         options = SamplingOptions(width=windows.width, height=windows.height, steps=steps, sampler=sampler,
                                   s_image=s_image, s_pose=s_pose, seed=seed, start=start,
                                   frames_per_batch=frames_per_batch, stretch=stretch).check()
@@ -103,7 +105,7 @@ class DualCFGSampler(io.ComfyNode):
         null = [[cond.uncond, {}]]
         # the library's draws, in its order: the key frame's latent sample (official start), then the noise
         generator = torch.Generator("cpu").manual_seed(seed)
-        key_latent, noise = start_components(model.view(), cond, options, generator=generator, device="cpu")
+        key_latent, noise = start_components(library_view, cond, options, generator=generator, device="cpu")
         if core_sampler == AS_SAMPLER:
             lib = make_scheduler(sampler, model.scheduler_config)
             lib.set_timesteps(steps)

@@ -412,9 +412,18 @@ def test_nothing_to_build_from_is_an_error(tiny_clip_folder, no_weight_reads):
         load_dreampose(clip=tiny_clip_folder)
 
 
-def test_a_folder_as_dreampose_weights_is_an_error(authors_release, tiny_clip_folder, no_weight_reads):
-    with pytest.raises(DreamPoseError, match="is a folder"):
-        load_dreampose(dreampose=authors_release.folder, clip=tiny_clip_folder, vae=authors_release.vae_path)
+def test_a_folder_without_the_authors_unet_is_an_error(tmp_path, tiny_clip_folder, no_weight_reads):
+    with pytest.raises(DreamPoseError, match="is a folder without the authors' unet_epoch_N.pth"):
+        load_dreampose(dreampose=str(tmp_path), clip=tiny_clip_folder)
+
+
+def test_the_authors_release_folder_loads_its_newest_epoch(authors_release, tiny_clip_folder, tiny_unet_config,
+                                                           tiny_vae_config):
+    m = load_dreampose(dreampose=authors_release.folder, vae=authors_release.vae_path, clip=tiny_clip_folder,
+                       unet_config=tiny_unet_config, vae_config=tiny_vae_config)
+    assert m.info["dreampose"] == authors_release.unet_path
+    assert_same_tensors(m.unet.state_dict(), authors_release.unet_state)
+    assert_same_tensors(m.adapter.state_dict(), authors_release.adapter_state)
 
 
 def test_sd_safetensors_as_dreampose_weights_is_refused(tiny_sd_single_file, tiny_clip_folder, no_weight_reads):
@@ -569,11 +578,11 @@ def test_pose_sequence_errors():
 
 def test_uv_folder_is_in_numeric_order_and_rejects_mixed_sizes(tmp_path):
     for n in (10, 2, 1):
-        np.save(tmp_path / f"frame_{n}_densepose.npy", np.full((2, 8, 8), n, dtype=np.float64))
+        np.save(tmp_path / f"frame_{n}_densepose.npy", np.full((2, 8, 8), n / 16, dtype=np.float64))
     np.save(tmp_path / "frame_x_densepose.npy", np.zeros((2, 8, 8)))  # not a frame: ignored
     uv = poses.load_uv_folder(str(tmp_path))
     assert uv.shape == (3, 2, 8, 8) and uv.dtype == torch.float32
-    assert uv[:, 0, 0, 0].tolist() == [1.0, 2.0, 10.0]
+    assert (uv[:, 0, 0, 0] * 16).tolist() == [1.0, 2.0, 10.0]
     np.save(tmp_path / "frame_11_densepose.npy", np.zeros((2, 8, 16)))
     with pytest.raises(DreamPoseError, match="different sizes"):
         poses.load_uv_folder(str(tmp_path))

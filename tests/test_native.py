@@ -159,6 +159,23 @@ def rel(a, b):
 """
 
 
+def test_dual_cfg_sampler_refuses_a_condition_of_another_model(tmp_path):
+    got = host_probe(SAMPLER_SETUP + r"""
+from dreampose_pack.dreampose.errors import DreamPoseError
+other = to_native(tiny_dreampose(seed=5, core=True), "fp32", "fp32")
+try:
+    with torch.inference_mode():
+        DualCFGSampler.execute(other, cond, windows, 5.0, 2.0, 2, "ddim", 0, 2, "official", "none")
+    out["error"] = None
+except DreamPoseError as exc:
+    out["error"] = str(exc)
+out["same"] = rel(node("ddim", 2), library("ddim", 2))       # its own model still takes it
+print(json.dumps(out))
+""", tmp_path)
+    assert got["error"] and "encoded by another DreamPose model" in got["error"], got
+    assert got["same"] <= 1e-5, got
+
+
 def test_dual_cfg_sampler_on_core_equals_the_library(tmp_path):
     """DualCFGSampler through core (Guider_DualCFG per chunk, core's UNet code): with 'as sampler' every
     library scheduler gives the library's latents; core's own samplers run from the same start."""

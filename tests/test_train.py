@@ -348,3 +348,94 @@ def test_two_processes_gloo(videos_root, tmp_path, tiny_sd_folder, tiny_clip_fol
     for rank in (0, 1):
         assert [r["step"] for r in resumed[rank]] == [3, 4]
         assert resumed[rank] == straight[rank][2:]
+
+
+# ------------------------------------------------------------------------------------------ faults
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(videos_root, tmp_path, tiny_sd_folder,
+                                                               tiny_clip_folder):
+    common = {"steps": 4, "save_every": 1, "keep": 2}
+    straight = run(config(videos_root, tmp_path / "a", tiny_sd_folder, tiny_clip_folder, **common))
+    out = tmp_path / "b"
+    run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **{**common, "steps": 3}))
+    newest = out / tr.CHECKPOINTS / "step_3"
+    weights = max((p for p in newest.iterdir() if p.is_file() and p.name != tr.STATE_NAME),
+                  key=lambda p: p.stat().st_size)
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])      # a save cut short
+    messages = []
+    resumed = tr.train(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **common, resume="latest"),
+                       log=messages.append, progress=False)
+    assert resumed.start_step == 2
+    warning = [m for m in messages if m.startswith("warning: checkpoint")]
+    assert len(warning) == 1 and str(newest) in warning[0] and "resuming from the previous one" in warning[0]
+    a, b = state_of(straight.model), state_of(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)          # the fallback resumes exactly
+    for path in (out / tr.CHECKPOINTS).iterdir():            # every checkpoint broken: a clear error
+        for f in path.iterdir():
+            if f.name != tr.STATE_NAME:
+                f.write_bytes(b"")
+    with pytest.raises(DreamPoseError, match="no checkpoint loads"):
+        run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **{**common, "steps": 6}, resume="latest"))
+
+
+def test_resume_with_a_new_learning_rate_applies_it_and_says_so(videos_root, tmp_path, tiny_sd_folder,
+                                                                tiny_clip_folder):
+    out = tmp_path / "run"
+    run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=2, save_every=2))
+    messages = []
+    tr.train(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=3, save_every=2, lr=5e-4,
+                    resume="latest"), log=messages.append, progress=False)
+    assert any(m.startswith("resume: lr 0.001 in the checkpoint, now 0.0005 (applied from step 3)")
+               for m in messages), messages
+    log = read_jsonl(out / tr.LOG_NAME)
+    assert [r["lr"] for r in log] == [1e-3, 1e-3, 5e-4]
+
+
+def test_unreadable_frames_are_found_before_the_first_step(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    root = tmp_path / "data"
+    shutil.copytree(videos_root, root)
+    png = root / "clip_1" / frame_file_name(3)
+    png.write_bytes(png.read_bytes()[:200])                     # truncated
+    with pytest.raises(DreamPoseError, match=r"bad data in .*clip_1: frame_3\.png is not a readable image"):
+        run(config(str(root), tmp_path / "strict", tiny_sd_folder, tiny_clip_folder, strict=True))
+    assert not (tmp_path / "strict" / tr.LOG_NAME).exists()    # stopped before any step
+    np.save(root / "clip_2" / uv_file_name(0), np.full((2, 36, 28), np.nan, np.float32), allow_pickle=False)
+    messages = []
+    result = tr.train(config(str(root), tmp_path / "skip", tiny_sd_folder, tiny_clip_folder), log=messages.append,
+                      progress=False)
+    assert result.steps == 2
+    assert any("skipping video" in m and "clip_1" in m and "frame_3.png" in m for m in messages)
+    assert any("skipping video" in m and "clip_2" in m and "NaN" in m for m in messages)
+    assert "skipped 2 of 3 video(s) with unreadable frames or poses" in messages
+    assert any("1 video(s), 5 frame(s)" in m for m in messages)
+
+
+@pytest.mark.parametrize("kill_after", ["step_1", "step_2/" + "model.safetensors"])
+def test_kill_9_mid_run_leaves_a_run_that_resumes(kill_after, videos_root, tmp_path, tiny_sd_folder,
+                                                  tiny_clip_folder):
+    """SIGKILL (no cleanup runs) as soon as a checkpoint appears, i.e. while the next steps or saves run:
+    the next `--resume latest` continues from a complete checkpoint and finishes the run."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "dreampose", "train", "--data", videos_root, "--base", tiny_sd_folder, "--clip",
+            tiny_clip_folder, "--height", "64", "--width", "64", "--batch-size", "2", "--micro-batch", "2",
+            "--steps", "8", "--save-every", "1", "--lr", "1e-3", "--cpu", "--workers", "0", "--quiet",
+            "--out", str(out), "--resume", "latest"]
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = out / tr.CHECKPOINTS / kill_after
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    resumed = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    assert os.path.isfile(out / tr.FINAL_NAME)
+    assert [r["step"] for r in read_jsonl(out / tr.LOG_NAME)][-1] == 8
+    assert not [n for n in os.listdir(out / tr.CHECKPOINTS) if n.startswith(".tmp-") or n.endswith(".old")]

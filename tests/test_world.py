@@ -289,8 +289,8 @@ def test_cli_writes_dataset_and_preview(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--frames", "0"], "--frames must be at least 1"),
-    (["--height", "16"], "--height must be at least 32"),
-    (["--width", "31"], "--width must be at least 32"),
+    (["--height", "16"], "--height must be from 32 to 4096"),
+    (["--width", "31"], "--width must be from 32 to 4096"),
     (["--preview", "sheet.jpg"], "--preview must name a .png"),
 ])
 def test_cli_refuses_bad_input(tmp_path, capsys, argv, message):

@@ -12,7 +12,7 @@ import re
 import time
 
 from ..settings import ANIMATE_FPS, PAPER_SAMPLING, SamplingOptions
-from .common import (RUN_INFO_NAME, StepBar, add_device_args, add_options, add_weight_args, check_out_folder,
+from .common import (RUN_INFO_NAME, StepBar, add_device_args, add_options, add_weight_args, check_run_folder,
                      check_paths, check_weights_given, err, load_image, load_model, nonnegative_int, options_from_args,
                      positive_float, read_init_latents)
 
@@ -34,6 +34,8 @@ def add_sampling_args(p, defaults: SamplingOptions, fps: float) -> None:
                    help=f"also write {INIT_LATENTS_NAME} (x_T, reusable with --init-latents) and "
                         f"{LATENTS_NAME} (final latents), tensor 'latents'")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
+    o.add_argument("--force", action="store_true",
+                   help="replace the files another run left in --out (a rerun of the same job replaces its own)")
 
 
 def register(sub) -> None:
@@ -58,18 +60,28 @@ def sampling_options(args, defaults: SamplingOptions) -> SamplingOptions:
     return options_from_args(args, defaults).check()
 
 
-def check_run_options(args, defaults: SamplingOptions) -> SamplingOptions:
+# what animate writes into --out (a run leaves nothing else there)
+OUTPUTS = (re.compile(r"^frame_\d{4,}\.png$"), VIDEO_NAME, RUN_INFO_NAME, LATENTS_NAME, INIT_LATENTS_NAME)
+
+
+def input_paths(args) -> list[tuple[str, str | None]]:
+    """Every file or folder the run reads, as (flag, path): no output may be one of them."""
+    pairs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
+             for name in ("image", "poses", "dreampose", "base", "clip", "vae", "adapter", "init_latents")]
+    return pairs + [("--subject", path) for path in getattr(args, "subject", None) or ()]
+
+
+def check_run_options(args, defaults: SamplingOptions, outputs=OUTPUTS) -> SamplingOptions:
     options = sampling_options(args, defaults)
-    check_out_folder(args.out)
+    check_run_folder(args, outputs, input_paths(args))
     return options
 
 
 def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bool = False) -> dict:
     """animate_clip → PNG + MP4 (+ latents). Returns what happened (frames, UNet calls, timings, files)."""
     import torch
-    from safetensors.torch import save_file
 
-    from ..files.atomic import atomic_output
+    from ..files.atomic import atomic_save_safetensors
     from ..pipeline.animate import animate_clip
     from ..pipeline.video import save_video
 
@@ -102,9 +114,8 @@ def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bo
                 "sampler": options.sampler, "seed": str(options.seed)}
         for name, tensor, kind in ((INIT_LATENTS_NAME, stats.init_latents, "x_T"), (LATENTS_NAME, clip.latents,
                                                                                      "final")):
-            path = os.path.join(args.out, name)
-            with atomic_output(path, ".safetensors", mode=0o666) as tmp:
-                save_file({"latents": tensor.detach().float().cpu().contiguous()}, tmp, metadata={**meta, "kind": kind})
+            path = atomic_save_safetensors({"latents": tensor.detach().float()}, os.path.join(args.out, name),
+                                           {**meta, "kind": kind})
             written["init_latents" if kind == "x_T" else "latents"] = path
     timings["write_s"] = time.perf_counter() - t0
     return {"frames": len(pngs), "unet_calls": stats.unet_calls, "unet_batch": stats.unet_batch,
@@ -141,6 +152,7 @@ def write_run_info(args, options: SamplingOptions, result: dict, device, dtype, 
 
 
 def run(args) -> int:
+    from ..files.atomic import output_set
     from ..models.devices import resolve_device, resolve_dtype
     from ..pipeline.poses import load_uv_folder
 
@@ -170,9 +182,10 @@ def run(args) -> int:
     load_s = time.perf_counter() - t0
     err(f"loaded in {load_s:.1f} s; conditioning convention {model.convention!r}")
 
-    # 3. run
-    result = run_animation(model, image, uv, options, args, quiet=args.quiet)
-    result.pop("video")
-    write_run_info(args, options, result, device, dtype, {"convention": model.convention})
+    # 3. run: frames, video, latents and the run record appear together, or (error, Ctrl-C) none does
+    with output_set():
+        result = run_animation(model, image, uv, options, args, quiet=args.quiet)
+        result.pop("video")
+        write_run_info(args, options, result, device, dtype, {"convention": model.convention})
     summary(result, args, options, device, dtype, load_s)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import DreamPoseError
+from ..files.destinations import check_output_file
 from ..settings import PAPER_SAMPLING, BenchSettings, check_output_size
 from .common import (add_device_args, add_options, add_weight_args, check_paths, check_weights_given, err,
                      load_model, options_from_args, print_json)
@@ -21,6 +22,7 @@ def register(sub) -> None:
     groups: dict = {}
     add_options(p, BenchSettings, groups=groups)
     p.add_argument("--json-out", help="also write the JSON to this file")
+    p.add_argument("--force", action="store_true", help="replace an existing --json-out file")
     p.add_argument("--quiet", action="store_true")
     groups["finetuning (--finetune)"].add_argument(
         "--finetune", action="store_true",
@@ -35,6 +37,9 @@ def run(args) -> int:
     from ..models.devices import resolve_device, resolve_dtype
 
     settings = options_from_args(args, BenchSettings())
+    if args.json_out:
+        inputs = [(f"--{n}", getattr(args, n, None)) for n in ("dreampose", "base", "clip", "vae", "adapter")]
+        check_output_file(args.json_out, "--json-out", inputs=inputs, force=args.force)
     real = bool(args.dreampose or args.base)
     if real:
         check_weights_given(args)

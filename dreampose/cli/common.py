@@ -72,8 +72,8 @@ def print_json(result: dict, json_out: str | None) -> int:
 
 # ----------------------------------------------------------------------------------------------- types
 
-def int_at_least(minimum: int):
-    """An argparse type: a whole number no smaller than ``minimum``."""
+def int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: a whole number no smaller than ``minimum`` (and no larger than ``maximum``)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -81,6 +81,9 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            limit = "2**64-1" if maximum == 2 ** 64 - 1 else str(maximum)
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {value}")
         return value
     return parse
 
@@ -132,7 +135,9 @@ def _arg_type(option: OptionInfo):
     if base is float:
         return _FLOAT_KINDS.get(option.kind, finite_float)
     if base is int:
-        return int_at_least(option.minimum) if option.minimum is not None else int
+        if option.minimum is None and option.maximum is None:
+            return int
+        return int_at_least(option.minimum if option.minimum is not None else -2 ** 63, option.maximum)
     return None
 
 
@@ -227,9 +232,55 @@ def check_out_folder(out: str) -> None:
         raise DreamPoseError(f"--out {out} is a file; give a folder for the frames and the video")
 
 
+# options that change how a run is shown, not what it writes: a rerun that differs only in them is the same job
+_NOT_THE_JOB = frozenset({"func", "init_latents_tensor", "command", "quiet", "threads", "force"})
+
+
+def _job_options(options: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in options.items() if k not in _NOT_THE_JOB}, default=str))
+
+
+def same_run(args, record: str = RUN_INFO_NAME):
+    """``same_job(folder)`` for :func:`~dreampose.files.destinations.check_output_folder`: the folder's
+    run record (``dreampose_run.json``, or ``record``) was written by this command with the same options."""
+    def same(folder: str) -> bool:
+        try:
+            with open(os.path.join(folder, record)) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return (isinstance(info, dict) and info.get("command") == args.command
+                and isinstance(info.get("options"), dict)
+                and _job_options(info["options"]) == _job_options(vars(args)))
+    return same
+
+
+def check_run_folder(args, outputs, inputs, record: str = RUN_INFO_NAME) -> None:
+    """``--out`` may take this run's files: none of them there yet, or they are an earlier run of this very
+    job (its ``record`` says so), or ``--force``; the folder is none of the inputs and can be written."""
+    from ..files.destinations import check_output_folder
+
+    check_out_folder(args.out)
+    check_output_folder(args.out, "--out", outputs, inputs=inputs, force=getattr(args, "force", False),
+                        same_job=same_run(args, record))
+
+
+def job_record(args) -> dict:
+    """The command and its options as a run record stores them (what :func:`same_run` compares)."""
+    return {"command": args.command, "options": _job_options(vars(args))}
+
+
 def check_weights_given(args) -> None:
-    if not args.clip:
-        raise DreamPoseError("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)")
+    """The weight flags name a model: ``--dreampose`` or ``--base``, and CLIP unless the DreamPose file
+    carries it. The authors' release folder as ``--dreampose`` means its newest ``unet_epoch_N.pth``."""
+    from ..loaders.load import bundle_has_clip, newest_authors_unet
+
+    if args.dreampose and os.path.isdir(args.dreampose):
+        args.dreampose = newest_authors_unet(args.dreampose)
+        err(f"--dreampose: using {args.dreampose} (the newest unet_epoch_N.pth in that folder)")
+    if not args.clip and not bundle_has_clip(args.dreampose):
+        raise DreamPoseError("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)"
+                             + (f"; {args.dreampose} carries none" if args.dreampose else ""))
     if not args.dreampose and not args.base:
         raise DreamPoseError("give --dreampose (our .safetensors or the authors' unet_epoch_N.pth), "
                              "or --base to build an untrained DreamPose from Stable Diffusion 1.x")
@@ -241,6 +292,8 @@ def load_image(path: str, flag: str = "--image"):
     import torch
     from PIL import Image, UnidentifiedImageError
 
+    if os.path.isdir(path):
+        raise DreamPoseError(f"{flag} {path} is a folder; give an image file")
     if not os.path.isfile(path):
         raise DreamPoseError(f"{flag}: not found: {path}")
     try:
@@ -269,6 +322,7 @@ def image_paths(items: list[str]) -> list[str]:
 
 def read_init_latents(path: str, frames: int, height: int, width: int):
     """x_T from a safetensors file (key ``latents``), checked against the run's frames and size."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -285,6 +339,9 @@ def read_init_latents(path: str, frames: int, height: int, width: int):
     if latents.ndim != 4 or tuple(latents.shape[1:]) != want or latents.shape[0] not in (1, frames):
         raise DreamPoseError(f"--init-latents {path}: shape {tuple(latents.shape)} does not fit this run; expected "
                              f"[1 or {frames}, 4, {want[1]}, {want[2]}] for {frames} poses at {width}x{height} (WxH)")
+    if not latents.is_floating_point() or not torch.isfinite(latents).all():
+        raise DreamPoseError(f"--init-latents {path}: the latents must be finite floating-point numbers (found "
+                             f"{latents.dtype}{', NaN or infinite values' if latents.is_floating_point() else ''})")
     return latents.float()
 
 

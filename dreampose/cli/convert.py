@@ -6,6 +6,7 @@ import os
 import time
 
 from ..errors import DreamPoseError
+from ..files.destinations import check_output_file
 from .common import check_paths, config_flags, err
 
 
@@ -15,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("--adapter", help="adapter_N.pth (default: the one beside the UNet file)")
     p.add_argument("--vae", help="the authors' vae_N.pth to include (optional)")
     p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--unet-config", help="UNet config JSON, for a UNet that is not SD 1.x sized")
     p.add_argument("--vae-config", help="VAE config JSON, for a VAE that is not SD 1.x sized")
     p.set_defaults(func=run)
@@ -23,13 +25,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..loaders.load import convert_authors_checkpoint
 
-    if not args.out.lower().endswith(".safetensors"):
-        raise DreamPoseError(f"--out {args.out}: the converted file must end in .safetensors")
-    if os.path.isdir(args.out):
-        raise DreamPoseError(f"--out {args.out} is a folder; give a file name ending in .safetensors")
     if not os.path.isfile(args.unet):
         raise DreamPoseError(f"not found: {args.unet} (the authors' unet_epoch_N.pth)")
     check_paths(adapter=args.adapter, vae=args.vae)
+    inputs = [("unet", args.unet), ("--adapter", args.adapter), ("--vae", args.vae)]
+    need = sum(os.path.getsize(p) for _, p in inputs if p and os.path.isfile(p))   # the same tensors, re-laid
+    check_output_file(args.out, "--out", inputs=inputs, force=args.force, suffix=".safetensors", need_bytes=need)
     unet_config, vae_config = config_flags(args)
     err("converting …")
     t0 = time.perf_counter()

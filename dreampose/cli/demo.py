@@ -12,6 +12,7 @@ import time
 
 from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FPS, DEMO_FRAMES, DEMO_SAMPLING,
                         DEMO_VAE_FINETUNE_STEPS, MOTIONS)
+from .animate import OUTPUTS as ANIMATE_OUTPUTS
 from .animate import add_sampling_args, check_run_options, run_animation, summary, write_run_info
 from .common import (StepBar, add_device_args, err, int_at_least, load_image, nonnegative_int, positive_float,
                      read_init_latents)
@@ -47,19 +48,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+# what the demo writes into --out, besides animate's files
+OUTPUTS = (*ANIMATE_OUTPUTS, "key_frame.png", "poses", "dreampose.gif", "contact_sheet.png", "comparison.gif")
+
+
 def run(args) -> int:
-    import numpy as np
-
-    from ..data.densepose import visualize
-    from ..data.world import body_mask, silhouette
-    from ..demo.config import DEMO_FILE
     from ..demo.model import demo_scene, finetune_on_key_frame, load_demo_model
-    from ..evaluation.metrics import pose_alignment
+    from ..files.atomic import output_set
     from ..models.devices import resolve_device, resolve_dtype
-    from ..pipeline.poses import save_uv_folder
-    from ..pipeline.video import contact_sheet, save_image, save_png_frames, to_uint8, write_gif
 
-    options = check_run_options(args, DEMO_SAMPLING)
+    options = check_run_options(args, DEMO_SAMPLING, OUTPUTS)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     scene = demo_scene(args.frames, args.subject, args.motion, options.height, options.width)
@@ -86,6 +84,20 @@ def run(args) -> int:
                                       height=options.height, width=options.width,
                                       callback=lambda stage, step, total, loss: bars[stage](step, total, loss))
         finetune_s = time.perf_counter() - t0
+    with output_set():      # every file of the demo appears together, or (error, Ctrl-C) none does
+        return _write_outputs(args, options, model, image, uv, scene, device, dtype, load_s, finetune_s)
+
+
+def _write_outputs(args, options, model, image, uv, scene, device, dtype, load_s: float, finetune_s: float) -> int:
+    import numpy as np
+
+    from ..data.densepose import visualize
+    from ..data.world import body_mask, silhouette
+    from ..demo.config import DEMO_FILE
+    from ..evaluation.metrics import pose_alignment
+    from ..pipeline.poses import save_uv_folder
+    from ..pipeline.video import contact_sheet, save_image, save_png_frames, to_uint8, write_gif
+
     os.makedirs(args.out, exist_ok=True)
     # the inputs too, so `animate` can be tried on them and a person can see what went in
     save_png_frames(image.permute(1, 2, 0).unsqueeze(0), args.out, pattern="key_frame.png")

@@ -12,7 +12,10 @@ import time
 
 from ..errors import DreamPoseError
 from ..settings import EvalSettings
-from .common import add_device_args, add_options, check_paths, err, options_from_args
+from .common import add_device_args, add_options, check_paths, check_run_folder, err, job_record, options_from_args
+
+# what eval writes into --out
+OUTPUTS = ("metrics.json", "metrics.md", "frames")
 
 EPILOG = """\
 Examples:
@@ -64,18 +67,24 @@ def register(sub) -> None:
                    help="do not look for standard weight files in $TORCH_HOME/hub/checkpoints")
     add_options(p, EvalSettings, ("shuffle_seed", "save_frames"), groups=groups)
     groups["output"].add_argument("--quiet", action="store_true", help="no progress lines")
+    groups["output"].add_argument("--force", action="store_true",
+                                  help="replace the reports and frames another run left in --out")
     add_device_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..evaluation import evaluate as E
+    from ..files.atomic import output_set
     from ..evaluation.metrics import load_feature_nets
     from ..models.devices import resolve_device, resolve_dtype
 
     # 1. everything the user gave, checked before any model weights are read
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DreamPoseError(f"--out {args.out} is a file; give a folder")
+    inputs = [(f"--{n}", getattr(args, n, None)) for n in ("clip", "base", "vae", "dreampose")]
+    inputs += [("--data", d) for d in (args.data if isinstance(args.data, list) else [args.data])]
+    check_run_folder(args, OUTPUTS, inputs, record="metrics.json")
     check_paths(clip=args.clip, base=args.base, vae=args.vae)
     settings = options_from_args(args, EvalSettings())
     if args.ablation:
@@ -94,10 +103,12 @@ def run(args) -> int:
 
     # 2. the run
     t0 = time.perf_counter()
-    result = E.evaluate(variants, videos, settings, clip=args.clip, base=args.base, vae=args.vae, device=device,
-                        dtype=dtype, nets=nets, out=args.out, log=None if args.quiet else err)
-    result["seconds"] = time.perf_counter() - t0
-    js, md = E.write_reports(result, args.out)
+    with output_set():    # frames and reports appear together, or (error, Ctrl-C) none does
+        result = E.evaluate(variants, videos, settings, clip=args.clip, base=args.base, vae=args.vae, device=device,
+                            dtype=dtype, nets=nets, out=args.out, log=None if args.quiet else err)
+        result["seconds"] = time.perf_counter() - t0
+        result.update(job_record(args))
+        js, md = E.write_reports(result, args.out)
     print(E.markdown_report(result), end="")
     print(f"wrote {js} and {md} in {result['seconds']:.1f} s")
     return 0

@@ -11,6 +11,7 @@ import os
 import time
 
 from ..errors import DreamPoseError
+from ..files.destinations import check_output_file
 from ..settings import FinetuneSettings, check_settings, finetune_defaults, finetune_flags
 from .common import (StepBar, add_options, add_weight_args, check_paths, check_weights_given, err, image_paths,
                      load_image, load_model, options_from_args, positive_int)
@@ -41,7 +42,8 @@ def _register(sub, name: str, kind: str) -> None:
         p.add_argument("--poses", required=True,
                        help="folder of frame_N_densepose.npy, one per image, in the images' order")
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to save the finetune")
-    p.add_argument("--force", action="store_true", help="train even if --out already holds this finetune")
+    p.add_argument("--force", action="store_true", help="train even if --out already holds this finetune, and "
+                                                        "replace an --out file that holds something else")
     g = p.add_argument_group("training (defaults: the authors' " + ("subject finetune)" if subject else
                                                                      "VAE decoder finetune)"))
     add_options(p, FinetuneSettings, finetune_flags(kind),
@@ -61,6 +63,7 @@ def settings_of(args, kind: str) -> FinetuneSettings:
 def run(args) -> int:
     import torch
 
+    from ..files.weights import holds_finetune
     from ..models.devices import resolve_device
     from ..pipeline.poses import list_uv_files, load_uv_file
     from ..training.finetune import finetune_to_file
@@ -68,10 +71,11 @@ def run(args) -> int:
     kind = args.kind
     # 1. inputs and settings, checked before any weights are read
     check_weights_given(args)
-    if not args.out.lower().endswith(".safetensors"):
-        raise DreamPoseError(f"--out {args.out}: the finetune is saved as one file ending in .safetensors")
-    if os.path.isdir(args.out):
-        raise DreamPoseError(f"--out {args.out} is a folder; give a file name ending in .safetensors")
+    inputs = [("--dreampose", args.dreampose), ("--base", args.base), ("--clip", args.clip), ("--vae", args.vae),
+              ("--adapter", args.adapter), ("--poses", getattr(args, "poses", None))]
+    inputs += [("--images", p) for p in args.images]
+    check_output_file(args.out, "--out", inputs=inputs, force=args.force, suffix=".safetensors",
+                      ours=lambda path: holds_finetune(path, kind))
     check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
                 unet_config=args.unet_config, vae_config=args.vae_config)
     settings = settings_of(args, kind)
@@ -102,11 +106,11 @@ def run(args) -> int:
 
     # 3. cache lookup → train → save
     if os.path.isfile(args.out) and not args.force:
-        err(f"{args.out} exists: reused if it holds this very finetune, replaced otherwise")
+        err(f"{args.out} holds a {kind} finetune: reused if it is this very one (else refused without --force)")
     bar = StepBar("finetune UNet+adapter" if kind == "subject" else "finetune VAE decoder", args.quiet)
     base = os.path.basename(args.dreampose or args.base)
     result = finetune_to_file(kind, model, [p.float() / 255 for p in photos], uv, settings, args.out,
-                              force=args.force, device=device, callback=bar, base=base)
+                              force=args.force, overwrite=args.force, device=device, callback=bar, base=base)
     if result.cached:
         print(f"{result.path} is up to date: same images{', poses' if uv else ''}, weights and settings (cache key "
               f"{result.cache_key[:12]}…); 0 steps trained. Use --force to train again.")

@@ -3,7 +3,8 @@ without ComfyUI.
 
 Each command is one module of this folder with a ``register(subparsers)`` that adds its parser and
 sets its ``func``; :func:`main` only dispatches. Every user input is checked before any weights are
-read; a bad input prints one line and exits with status 2, an interrupt exits 130.
+read; a bad input (or a destination that cannot take the output) prints one line and exits with status
+2, an interrupt exits 130, an unforeseen I/O error or running out of memory prints one line and exits 1.
 """
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err(f"dreampose {args.command}: interrupted")
         return 130
+    except OSError as exc:        # a read or write the checks could not foresee: the cause, no traceback
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        err(f"dreampose {args.command}: error:{where} {exc.strerror or exc}; nothing was written under a final "
+            "name that is not complete")
+        return 1
+    except MemoryError:
+        err(f"dreampose {args.command}: error: out of memory; try a smaller size, fewer --frames-per-batch, "
+            "or --dtype fp16/bf16 on a GPU")
+        return 1
     finally:
         if threads is not None:   # main() may run inside another program (tests): leave it as found
             import torch

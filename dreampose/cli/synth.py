@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from ..errors import DreamPoseError
-from ..settings import SynthSettings
+from ..settings import MAX_SIZE, SynthSettings
 from .common import add_options, options_from_args, progress_bar
 
 PREVIEW_ROWS = 4      # videos shown in a contact sheet
@@ -35,8 +35,8 @@ def _check(args, settings: SynthSettings) -> None:
     if settings.frames < 1:
         raise DreamPoseError(f"--frames must be at least 1, got {settings.frames}")
     for flag in ("height", "width"):
-        if getattr(settings, flag) < 32:
-            raise DreamPoseError(f"--{flag} must be at least 32 pixels, got {getattr(settings, flag)}")
+        if not 32 <= getattr(settings, flag) <= MAX_SIZE:
+            raise DreamPoseError(f"--{flag} must be from 32 to {MAX_SIZE} pixels, got {getattr(settings, flag)}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DreamPoseError(f"--out {args.out} is a file; give a folder for the dataset")
     if args.preview:

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import DreamPoseError
+from ..files.atomic import write_npy_atomic
 from ..pipeline.poses import prepare_frame_folder, uv_file_name
-from ..pipeline.video import to_uint8, write_mp4
+from ..pipeline.video import save_image, to_uint8, write_mp4
 from ..settings import MOTIONS, SPLITS, SynthSettings, check_choice
 from .dataset import MARKER, frame_file_name, write_marker
 
@@ -640,8 +640,8 @@ def write_video_folder(folder: str, video: WorldVideo, *, fps: float = SynthSett
         prepare_frame_folder(folder, pattern, overwrite=True)
     pictures = to_uint8(video.frames.permute(0, 2, 3, 1))
     for i in range(count):
-        Image.fromarray(pictures[i]).save(os.path.join(folder, frame_file_name(i)))
-        np.save(os.path.join(folder, uv_file_name(i)), video.uv[i].numpy().astype(np.float32), allow_pickle=False)
+        save_image(pictures[i], os.path.join(folder, frame_file_name(i)))
+        write_npy_atomic(os.path.join(folder, uv_file_name(i)), video.uv[i].numpy().astype(np.float32))
     if mp4:
         write_mp4(pictures, mp4, fps)
     meta = dict(info or {})

@@ -47,7 +47,7 @@ from ..models.devices import dtype_name
 from ..pipeline.animate import animate
 from ..pipeline.poses import window_indices
 from ..pipeline.sampling import SampleStats
-from ..pipeline.video import save_png_frames
+from ..pipeline.video import save_image, save_png_frames
 from ..settings import ONE_POSE_OFFSETS, WINDOW_OFFSETS, EvalSettings, FinetuneSettings, check_output_size, vae_settings
 from ..training.finetune import finetune_subject, finetune_vae_decoder
 from . import metrics as M
@@ -248,12 +248,14 @@ def load_model(bundle: str, *, clip: str | None, base: str | None = None, vae: s
 
 def check_bundle(bundle: str, *, clip: str | None) -> dict:
     """What :func:`load_model` needs, checked from file headers: the bundle exists (its safetensors
-    metadata is returned, ``{}`` for other formats) and CLIP is given."""
-    if not clip:
-        raise DreamPoseError("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)")
+    metadata is returned, ``{}`` for other formats) and CLIP is given or carried by the bundle."""
     if not os.path.isfile(bundle):
         raise DreamPoseError(f"DreamPose bundle not found: {bundle}")
-    return read_metadata(bundle) if is_safetensors(bundle) else {}
+    meta = read_metadata(bundle) if is_safetensors(bundle) else {}
+    if not clip and "clip_config" not in meta:
+        raise DreamPoseError(f"--clip is required: {os.path.basename(bundle)} carries no CLIP ViT-B/32 vision model "
+                             "(give a folder or a .safetensors file)")
+    return meta
 
 
 def check_variants(variants: list[Variant], *, clip: str | None) -> None:
@@ -676,4 +678,4 @@ def _save_frames(out: str, row: str, plan: VideoPlan, pred: torch.Tensor, gt_u8:
                 arr[:2], arr[-2:], arr[:, :2], arr[:, -2:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
                 tile = Image.fromarray(arr)
             sheet.paste(tile, (j * tw, r * th))
-    sheet.save(os.path.join(out, "frames", row, _safe(plan.name) + "_sheet.png"))
+    save_image(np.asarray(sheet.convert("RGB")), os.path.join(out, "frames", row, _safe(plan.name) + "_sheet.png"))

@@ -14,6 +14,7 @@ before any weights are loaded. Every failure to read a file is a DreamPoseError 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import zipfile
@@ -107,6 +108,9 @@ def peek_keys(path: str) -> list[str] | None:
     """
     require_path(path, "weights file", file=True)
     _check_suffix(path)
+    if os.path.getsize(path) == 0:
+        raise DreamPoseError(f"{path}: the file is empty (0 bytes), so the download or copy did not finish; "
+                             "fetch it again")
     if is_safetensors(path):
         with _open_safetensors(path) as f:
             return list(f.keys())
@@ -199,6 +203,16 @@ def format_metadata(**fields) -> dict[str, str]:
         if v is not None:
             meta[k] = v if isinstance(v, str) else json.dumps(v, default=_jsonable)
     return meta
+
+
+def holds_finetune(path: str, kind: str) -> bool:
+    """``path`` is one of our subject finetune files of ``kind`` (``subject`` or ``vae``): a file a
+    finetune command may reuse or, when it is stale, replace."""
+    try:
+        meta = read_metadata(path)
+    except DreamPoseError:
+        return False
+    return is_ours(meta) and meta.get("kind") == kind and "cache_key" in meta
 
 
 def is_ours(meta: dict[str, str]) -> bool:

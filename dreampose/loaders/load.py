@@ -7,6 +7,7 @@ authors' files run in ``official`` mode (docs/official-code.md).
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -27,6 +28,7 @@ from .components import (clip_from_state, instantiate, load_adapter_state, load_
 from .subject_file import apply_subject, is_delta_file, read_subject_header
 
 _AUTHORS_UNET = re.compile(r"^unet_epoch_(\d+)\.pth?$")
+log = logging.getLogger(__name__)
 
 
 def bundle_has_clip(path: str | None) -> bool:
@@ -54,6 +56,20 @@ def load_bundle_clip(path: str) -> CLIPVisionModel:
     if cfg is None:
         raise DreamPoseError(f"{path}: carries no CLIP vision model; give CLIP ViT-B/32 separately")
     return clip_from_state(split_prefix(read_state_dict(path), "clip."), cfg, path)
+
+
+def newest_authors_unet(folder: str) -> str:
+    """The authors' release folder → its newest ``unet_epoch_N.pth`` (largest N).
+
+    Raises:
+        DreamPoseError: the folder holds no ``unet_epoch_N.pth``.
+    """
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := _AUTHORS_UNET.match(name))
+             and os.path.isfile(os.path.join(folder, name))]
+    if not found:
+        raise DreamPoseError(f"{folder}: is a folder without the authors' unet_epoch_N.pth; give the DreamPose "
+                             "weights file (our .safetensors, or unet_epoch_N.pth)")
+    return os.path.join(folder, max(found)[1])
 
 
 def _authors_epoch(unet_path: str) -> str | None:
@@ -260,6 +276,9 @@ def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, bas
             subject that is not a subject file, or parts that do not fit each other.
     """
     subjects = _subject_list(subject)
+    if dreampose and os.path.isdir(dreampose):       # the authors' release folder: its newest epoch
+        dreampose = newest_authors_unet(dreampose)
+        log.info("DreamPose weights: %s (the newest unet_epoch_N.pth of its folder)", dreampose)
     ours, adapter = _resolve(clip, dreampose, base, vae, adapter, convention, subjects)
     info = {"dreampose": dreampose, "base": base, "clip": clip, "vae": vae, "adapter": adapter}
     clip_model = load_clip_vision(clip, clip_config) if clip else load_bundle_clip(dreampose)

@@ -55,7 +55,17 @@ def describe_base(model) -> str:
     return "tiny random model" if info.get("tiny") else "unnamed model in memory"
 
 
-def save_subject(model, path: str, *, kind: str, settings, cache_key: str, base=None, lora: bool = False) -> str:
+def base_identity(model, kind: str) -> list[float]:
+    """The fingerprint of what a finetune of ``kind`` must be applied to: the UNet a UNet+adapter
+    finetune started from, the VAE encoder beside a decoder finetune (dtype-independent)."""
+    if kind == "vae":
+        parts = [model.vae.encoder, getattr(model.vae, "quant_conv", None)]
+        return weights_fingerprint(torch.nn.ModuleList([p for p in parts if p is not None]))
+    return weights_fingerprint(model.unet)
+
+
+def save_subject(model, path: str, *, kind: str, settings, cache_key: str, base=None, lora: bool = False,
+                 base_fingerprint: list[float] | None = None) -> str:
     """Write ``model``'s finetuned part atomically (temp file, then rename); returns ``path``.
 
     Args:
@@ -93,6 +103,8 @@ def save_subject(model, path: str, *, kind: str, settings, cache_key: str, base=
             raise DreamPoseError("the VAE decoder finetune is always full; save it with lora=False")
         tensors = {f"vae.{k}": v for k, v in model.vae.state_dict().items() if k.startswith("decoder.")}
         meta.update(mode="full", vae_config=dict(model.vae.config))
+        if base_fingerprint:
+            meta.update(base_fingerprint=base_fingerprint)
         return atomic_save_safetensors(tensors, path, format_metadata(**meta))
     meta.update(scheduler_config=dict(model.scheduler_config), adapter_config=adapter_config(model.adapter))
     tensors = {f"adapter.{k}": v for k, v in model.adapter.state_dict().items()}
@@ -109,6 +121,8 @@ def save_subject(model, path: str, *, kind: str, settings, cache_key: str, base=
     else:
         tensors.update({f"unet.{k}": v for k, v in model.unet.state_dict().items()})
         meta.update(mode="full", unet_config=dict(model.unet.config))
+        if base_fingerprint:
+            meta.update(base_fingerprint=base_fingerprint)
     return atomic_save_safetensors(tensors, path, format_metadata(**meta))
 
 
@@ -184,7 +198,8 @@ def apply_subject(model, path: str, *, inplace: bool = False, check_base: bool =
         path: a subject file (:func:`save_subject`), or a plain DreamPose file (a full UNet+adapter subject).
         inplace: change ``model`` itself instead of a shallow copy; then the LoRA merge and the decoder weights go
             into its own UNet and VAE, not into copies.
-        check_base: for a LoRA file that records its base's fingerprint, refuse a UNet that does not match it.
+        check_base: for a file that records its base's fingerprint (LoRA; full finetunes since they record it),
+            refuse a model whose UNet (VAE encoder, for a decoder finetune) does not match it.
 
     Returns:
         The model with the subject applied (``model`` itself when ``inplace``, else a copy sharing the untouched
@@ -198,6 +213,14 @@ def apply_subject(model, path: str, *, inplace: bool = False, check_base: bool =
     finetuned, mode = meta.get("finetuned"), meta.get("mode")
     info = dict(model.info)
     info["subjects"] = list(info.get("subjects", [])) + [path]
+    expected = metadata_json(meta, "base_fingerprint", path, [])
+    if check_base and expected and mode == "full":
+        kind = "vae" if finetuned == "vae_decoder" else "subject"
+        if not fingerprints_match(base_identity(model, kind), expected):
+            what = "VAE" if kind == "vae" else "DreamPose UNet"
+            raise DreamPoseError(f"{path}: this finetune was trained on another {what} "
+                                 f"({meta.get('base_model', 'unknown')!r}) than the model it is applied to; load "
+                                 "that base model and apply the finetune to it")
     with torch.inference_mode(False):
         state = read_state_dict(path, "subject finetune")
         if finetuned == "vae_decoder":

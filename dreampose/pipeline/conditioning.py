@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DreamPoseError
+from ..models.fingerprint import fingerprints_match, weights_fingerprint
 from ..settings import COND_HEIGHT, COND_WIDTH, VAE_SCALE, check_convention, check_latent_mode
 from .images import clip_pixels, condition_frame, to_minus1_1
 
@@ -31,10 +32,20 @@ class ImageCondition:
     uncond: torch.Tensor     # [1,50,768] adapter output for the null image
     key_frame: torch.Tensor  # [1,3,640,512] uint8, for the official start latent
     convention: str
+    source: tuple = ()       # source_fingerprint of the model that encoded it; () = unknown, not checked
 
     def to(self, device=None, dtype=None) -> "ImageCondition":
         return ImageCondition(self.cond.to(device=device, dtype=dtype), self.uncond.to(device=device, dtype=dtype),
-                              self.key_frame, self.convention)
+                              self.key_frame, self.convention, self.source)
+
+
+def source_fingerprint(model) -> tuple:
+    """Which model a condition came from, in any dtype
+    (:func:`~dreampose.models.fingerprint.weights_fingerprint`): its adapter. The adapter is what every
+    DreamPose checkpoint and every subject finetune trains (CLIP and the VAE encoder stay frozen), and it
+    is the same module on the library's and on ComfyUI's route, whose CLIP and VAE are other classes
+    with other tensor names."""
+    return tuple(weights_fingerprint(model.adapter))
 
 
 def vae_latent(vae, pixels: torch.Tensor, latent_mode: str = "sample",
@@ -85,12 +96,23 @@ def encode_image_condition(model, image: torch.Tensor, *, latent_mode: str = "sa
     place = {"device": ad_param.device, "dtype": ad_param.dtype}
     cond = model.adapter(clip_tokens[:1].to(**place), key_lat.to(**place))
     uncond = model.adapter(clip_tokens[1:].to(**place), null_lat.to(**place))
-    return ImageCondition(cond, uncond, key_u8, convention)
+    return ImageCondition(cond, uncond, key_u8, convention, source_fingerprint(model))
 
 
 def check_condition(model, cond) -> ImageCondition:
-    """A condition made by a model of another width or convention would sample garbage: say so now."""
-    return check_condition_fits(cond, model.unet.config.cross_attention_dim, model.convention)
+    """A condition made by a model of another width or convention, or by other weights (another DreamPose
+    checkpoint, a finetune's adapter), would sample garbage or the wrong subject: say so now."""
+    check_condition_fits(cond, model.unet.config.cross_attention_dim, model.convention)
+    return check_condition_source(model, cond)
+
+
+def check_condition_source(model, cond: ImageCondition) -> ImageCondition:
+    """``cond`` was encoded by ``model``'s adapter (conditions without a recorded source are let through)."""
+    if cond.source and not fingerprints_match(list(cond.source), list(source_fingerprint(model))):
+        raise DreamPoseError("the condition was encoded by another DreamPose model (other adapter weights) than "
+                             "the one sampling it; encode the key frame again with this model (after any subject "
+                             "finetune)")
+    return cond
 
 
 def check_condition_fits(cond, width: int, convention: str) -> ImageCondition:

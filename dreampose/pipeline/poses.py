@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DreamPoseError
+from ..files.atomic import write_npy_atomic
 from ..settings import LATENT_SCALE, POSE_FRAMES, WINDOW_OFFSETS, check_output_size
 _NPY_NAME = re.compile(r"^frame_(\d+)_densepose\.npy$")
 
@@ -96,7 +97,24 @@ def load_uv_file(path: str) -> torch.Tensor:
         raise DreamPoseError(f"{path}: not a plain numeric .npy array ({exc})") from exc
     if arr.ndim != 3 or arr.shape[0] != 2:
         raise DreamPoseError(f"{path}: expected a (2, H, W) UV array, got shape {arr.shape}")
-    return torch.from_numpy(arr.astype(np.float32))
+    return torch.from_numpy(check_uv_values(arr, path).astype(np.float32))
+
+
+def check_uv_values(arr: np.ndarray, where: str) -> np.ndarray:
+    """A pose file's values are what DensePose writes: real numbers, finite, U and V in 0..1 (0 off the
+    body). Anything else is refused with what it looks like (a picture's 0..255, complex, text)."""
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) or arr.dtype == bool:
+        raise DreamPoseError(f"{where}: UV must be real numbers, got dtype {arr.dtype}; write the U and V arrays "
+                             "as float32")
+    if arr.size and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise DreamPoseError(f"{where}: {bad} of {arr.size} UV values are NaN or infinite; re-run DensePose on "
+                             "that frame")
+    low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if low < 0 or high > 1 + 1e-3:
+        hint = ("; it looks like 0..255 picture values: divide by 255" if low >= 0 and high <= 255 else "")
+        raise DreamPoseError(f"{where}: UV values must lie in 0..1, found {low:g} … {high:g}{hint}")
+    return arr
 
 
 def load_uv_folder(folder: str, start: int = 0, count: int = 0) -> torch.Tensor:
@@ -161,8 +179,7 @@ def save_uv_folder(folder: str, uv: torch.Tensor, start: int = 0, overwrite: boo
     paths = []
     for i, frame in enumerate(uv):
         path = os.path.join(folder, uv_file_name(start + i))
-        np.save(path, frame.numpy().astype(np.float32), allow_pickle=False)
-        paths.append(path)
+        paths.append(write_npy_atomic(path, frame.numpy().astype(np.float32)))
     return paths
 
 

@@ -26,7 +26,7 @@ from ..configs import default_scheduler_config
 from ..errors import DreamPoseError
 from ..models.devices import randn
 from ..settings import LATENT_CHANNELS, LATENT_SCALE, VAE_SCALE, SamplingOptions, check_sampler, check_stretch
-from .conditioning import ImageCondition, vae_latent
+from .conditioning import ImageCondition, check_condition_source, vae_latent
 from .guidance import DualCFGDenoiser
 from .images import condition_frame, resize_u8, to_minus1_1
 from .poses import PoseWindows
@@ -152,6 +152,7 @@ def denoise(model, cond: ImageCondition, poses: PoseWindows, options: SamplingOp
         injected tensor), never as a per-frame copy, so memory does not grow with the frame count.
     """
     check_run(poses, options)
+    check_condition_source(model, cond)   # the convention may be chosen per call (parity runs): not checked
     t0 = time.perf_counter()
     device = next(model.unet.parameters()).device
     scheduler = make_scheduler(options.sampler, model.scheduler_config)

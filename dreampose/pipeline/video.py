@@ -1,12 +1,14 @@
 """Writing generated frames to disk: numbered PNGs and an MP4 (OpenCV, ``mp4v``).
 
 Frames come in as ComfyUI's IMAGE layout ``[F,H,W,3]``, float 0..1 (or uint8), RGB. OpenCV wants
-BGR, so channels are swapped exactly once, here. The MP4 is written under a temporary name in the
-destination folder and renamed when complete, so a crash never leaves a truncated video behind
-under the final name.
+BGR, so channels are swapped exactly once, here. Every file goes through :mod:`dreampose.files.atomic`
+(temporary name, flushed, renamed): pictures are encoded in memory and written by Python, which
+raises on a short write where ``cv2.imwrite`` would report success; the MP4, which OpenCV writes
+itself, is read back and must hold every frame.
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -15,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files.atomic import atomic_output
 from ..errors import DreamPoseError
+from ..files.atomic import atomic_output, write_bytes_atomic
+from ..files.destinations import incomplete_write
 
 FRAME_PATTERN = "frame_{:04d}.png"
 
@@ -45,7 +48,7 @@ def save_png_frames(frames, folder: str, pattern: str = FRAME_PATTERN, start: in
 
     Args:
         frames: ``[F,H,W,3]`` (or one ``[H,W,3]``) RGB, float 0..1 (clipped) or uint8, torch or numpy.
-        folder: where to write; created if needed. Files are written under their final names.
+        folder: where to write; created if needed. Each file is written atomically.
         pattern: the file name, formatted with the frame number.
         start: the number of the first frame.
 
@@ -56,10 +59,7 @@ def save_png_frames(frames, folder: str, pattern: str = FRAME_PATTERN, start: in
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, frame in enumerate(video):
-        path = os.path.join(folder, pattern.format(start + i))
-        if not cv2.imwrite(path, cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)):
-            raise DreamPoseError(f"could not write {path}")
-        paths.append(path)
+        paths.append(write_bytes_atomic(os.path.join(folder, pattern.format(start + i)), _encode(frame, ".png")))
     return paths
 
 
@@ -88,9 +88,28 @@ def write_mp4(frames, path: str, fps: float = 30.0) -> str:
                 writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
         finally:
             writer.release()
-        if os.path.getsize(tmp) == 0:
-            raise DreamPoseError(f"OpenCV wrote an empty video for {path}")
+        readable = _count_frames(tmp)
+        if readable != len(video):
+            raise incomplete_write(path, f"the video holds {readable} of {len(video)} frames")
     return path
+
+
+def _count_frames(path: str) -> int:
+    """Frames a video file's index says it holds (0 when OpenCV cannot open it: a truncated MP4 has none)."""
+    if os.path.getsize(path) == 0:
+        return 0
+    capture = cv2.VideoCapture(path)
+    try:
+        return int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) if capture.isOpened() else 0
+    finally:
+        capture.release()
+
+
+def _encode(rgb: np.ndarray, suffix: str) -> bytes:
+    ok, data = cv2.imencode(suffix, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise DreamPoseError(f"OpenCV could not encode a {suffix} picture of shape {rgb.shape}")
+    return data.tobytes()
 
 
 def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreampose.mp4") -> tuple[list[str], str]:
@@ -122,11 +141,14 @@ def write_gif(frames, path: str, fps: float = 8.0) -> str:
     Returns:
         ``path``.
     """
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise DreamPoseError(f"fps must be a positive number, got {fps!r}")
     video = to_uint8(frames)
-    with atomic_output(path, ".gif", mode=0o666) as tmp:
-        images = [Image.fromarray(f) for f in video]
-        images[0].save(tmp, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)), loop=0)
-    return path
+    images = [Image.fromarray(f) for f in video]
+    data = io.BytesIO()
+    images[0].save(data, format="GIF", save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
+                   loop=0)
+    return write_bytes_atomic(path, data.getvalue())
 
 
 def contact_sheet(rows, gap: int = 2, background: int = 255) -> np.ndarray:
@@ -150,7 +172,7 @@ def contact_sheet(rows, gap: int = 2, background: int = 255) -> np.ndarray:
 
 def save_image(image, path: str) -> str:
     """One RGB ``[H,W,3]`` picture (float 0..1 or uint8), in the format its name says; atomic rename."""
-    with atomic_output(path, os.path.splitext(path)[1], mode=0o666) as tmp:   # the suffix picks the format
-        if not cv2.imwrite(tmp, cv2.cvtColor(to_uint8(image)[0], cv2.COLOR_RGB2BGR)):
-            raise DreamPoseError(f"could not write {path}")
-    return path
+    suffix = os.path.splitext(path)[1].lower()    # the suffix picks the format
+    if not suffix:
+        raise DreamPoseError(f"{path}: give the picture a file ending (.png, .jpg …) that names its format")
+    return write_bytes_atomic(path, _encode(to_uint8(image)[0], suffix))

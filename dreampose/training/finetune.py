@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from ..errors import DreamPoseError
 from ..files.weights import read_metadata
 from ..loaders.components import clone_module
-from ..loaders.subject_file import apply_subject, describe_base, find_cached_subject, save_subject
+from ..loaders.subject_file import apply_subject, base_identity, describe_base, find_cached_subject, save_subject
 from ..models.adapter import hold_vae_tokens_at_zero
 from ..models.devices import module_place, randn
 from ..models.fingerprint import tensor_bytes, weights_digest, weights_fingerprint
@@ -604,13 +604,15 @@ class FinetuneResult:
 
 
 def finetune_to_file(kind: str, model, images, uv, settings: FinetuneSettings | None, path: str, *,
-                     force: bool = False, device=None, callback: Callback | None = None, base: str | None = None,
-                     search_folders: Sequence[str] = (), borrow=None) -> FinetuneResult:
+                     force: bool = False, overwrite: bool = False, device=None, callback: Callback | None = None,
+                     base: str | None = None, search_folders: Sequence[str] = (), borrow=None) -> FinetuneResult:
     """Cache lookup → finetune → atomic save: how the command line and the finetune nodes run it.
 
     Args:
         kind: ``subject`` (UNet + adapter; ``uv`` one DensePose frame per photo) or ``vae`` (decoder).
         path: where to save; reused when its metadata holds the same cache key, unless ``force``.
+        overwrite: a file at ``path`` that does not hold this very finetune is replaced; False (the
+            default) refuses it before any training: the user did not ask to lose it.
         search_folders: further folders whose files are reused when one holds the same cache key.
         device: where to train (default: where the networks are).
         borrow: instead of ``device``, a callable returning a context manager that yields the training
@@ -632,13 +634,16 @@ def finetune_to_file(kind: str, model, images, uv, settings: FinetuneSettings | 
             hit = hit or find_cached_subject(folder, key)
         if hit:
             return FinetuneResult(apply_subject(model, hit), hit, True, 0, key, time.perf_counter() - t0)
+    if os.path.exists(path) and not overwrite and _cache_key_of(path) != key:
+        what = "another finetune" if _cache_key_of(path) else "a file that is not a finetune of ours"
+        raise DreamPoseError(f"{path} already holds {what}; replacing it needs --force (the nodes: another name)")
     with (borrow() if borrow is not None else contextlib.nullcontext(device)) as train_device:
         if kind == "subject":
             new = finetune_subject(model, images, uv, settings, device=train_device, callback=callback)
         else:
             new = finetune_vae_decoder(model, images, settings, device=train_device, callback=callback)
     saved = save_subject(new, path, kind=kind, settings=settings, cache_key=key, base=base or describe_base(model),
-                         lora=bool(settings.lora_rank))
+                         lora=bool(settings.lora_rank), base_fingerprint=base_identity(model, kind))
     return FinetuneResult(new, saved, False, settings.steps, key, time.perf_counter() - t0)
 
 

@@ -38,17 +38,20 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
-from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose
+from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose, screen_videos
 from ..errors import DreamPoseError
 from ..files.atomic import write_json_atomic, write_text_atomic
 from ..files.paths import missing_flags
@@ -441,6 +444,70 @@ def find_checkpoint(out: str, resume: str) -> str | None:
     return resume
 
 
+def resume_candidates(out: str, resume: str) -> list[str]:
+    """The checkpoints to try, in order: ``latest`` → every complete one, newest first (an older one is
+    the fallback when a newer one does not load); a path → that one."""
+    if resume == "latest":
+        return [path for _, path in reversed(_complete_checkpoints(out))]
+    return [find_checkpoint(out, resume)]
+
+
+# what goes wrong when a checkpoint's files are truncated, damaged or refused (a pickle that is not
+# weights-only), as torch, safetensors and accelerate report it
+_BAD_CHECKPOINT = (RuntimeError, KeyError, ValueError, EOFError, OSError, pickle.UnpicklingError, SafetensorError,
+                   zipfile.BadZipFile)
+
+
+def _first_readable_state(candidates: list[str]) -> tuple[str | None, dict | None]:
+    """The first candidate whose state file reads (checked before any weights are loaded)."""
+    first_error = None
+    for path in candidates:
+        try:
+            return path, read_checkpoint_state(path)
+        except DreamPoseError as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    return None, None
+
+
+def _load_first_good(accelerator, candidates: list[str], identity: dict, info: Log) -> tuple[str, dict]:
+    """Load the first checkpoint of ``candidates`` that loads completely; say which ones did not and why."""
+    failures = []
+    for path in candidates:
+        try:
+            saved = read_checkpoint_state(path)
+            _compare_resume(saved["config"], identity, path)
+            accelerator.load_state(path)
+        except DreamPoseError as exc:
+            failures.append((path, str(exc)))
+        except _BAD_CHECKPOINT as exc:
+            failures.append((path, f"{type(exc).__name__}: {str(exc)[:200]}"))
+        else:
+            for bad, why in failures:
+                info(f"warning: checkpoint {bad} does not load ({why}); resuming from the previous one, {path}")
+            return path, saved
+    bad, why = failures[0]
+    more = f" (and {len(failures) - 1} older one(s))" if len(failures) > 1 else ""
+    raise DreamPoseError(f"no checkpoint loads: {bad}{more}: {why}. Start a new run in another --out folder, or "
+                         "remove the damaged checkpoints")
+
+
+def _apply_new_hyperparameters(optimizer, config, saved: dict, info: Log) -> None:
+    """A resumed run trains with this run's learning rate and weight decay (a checkpoint restores its own
+    into the optimizer); a change is said, never silently undone."""
+    before = dict(saved.get("training") or {})
+    for key, value in (("lr", config.lr), ("weight_decay", config.weight_decay)):
+        old = {group[key] for group in optimizer.param_groups}
+        for group in optimizer.param_groups:
+            group[key] = value
+        if old != {value}:
+            info(f"resume: {key} {', '.join(f'{v:g}' for v in sorted(old))} in the checkpoint, now {value:g} "
+                 f"(applied from step {int(saved['step']) + 1})")
+        elif before.get(key) not in (None, value):
+            info(f"resume: {key} now {value:g}")
+
+
 def read_checkpoint_state(path: str) -> dict:
     try:
         with open(os.path.join(path, STATE_NAME)) as f:
@@ -573,13 +640,13 @@ def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
 
     # 1. everything checkable without weights
     accum = grad_accumulation(config.batch_size, config.micro_batch, world)
-    videos = find_videos(config.data, warn=info)
+    videos = screen_videos(find_videos(config.data, warn=info), strict=config.strict, warn=info)
     frames_total = sum(len(v) for v in videos)
     identity = {"dataset": dataset_fingerprint(videos), "videos": len(videos), "frames": frames_total,
                 **{k: getattr(config, k) for k in ("batch_size", "seed", "height", "width", "pose_window",
                                                    "conditioning", "dropout")}}
-    resume_path = find_checkpoint(config.out, config.resume) if config.resume else None
-    saved = read_checkpoint_state(resume_path) if resume_path else None
+    candidates = resume_candidates(config.out, config.resume) if config.resume else []
+    resume_path, saved = _first_readable_state(candidates)
     if saved:
         _compare_resume(saved["config"], identity, resume_path)
     elif config.resume == "latest":
@@ -623,13 +690,10 @@ def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
     trainable, optimizer = accelerator.prepare(trainable, optimizer)
     start = 0
     if saved:
-        try:
-            accelerator.load_state(resume_path)
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise DreamPoseError(f"{resume_path}: the checkpoint does not fit the model built from the given weights "
-                                 f"({str(exc)[:300]})") from exc
+        resume_path, saved = _load_first_good(accelerator, candidates, identity, info)
         accelerator.step = 0   # accumulation counter: every optimizer step starts a fresh cycle
         start = int(saved["step"])
+        _apply_new_hyperparameters(optimizer, config, saved, info)
         if (saved.get("world_size"), saved.get("micro_batch")) != (world, config.micro_batch):
             info(f"note: the checkpoint ran {saved.get('world_size')} process(es) × micro-batch "
                  f"{saved.get('micro_batch')}; now {world} × {config.micro_batch}: same effective batch, but the "
