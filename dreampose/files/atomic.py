@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import io
 import json
 import os
@@ -182,9 +183,14 @@ def _as_os_error(exc: Exception) -> OSError:
 
 
 def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a written file to the disk, so a full disk shows here, not after the rename. A file system
+    that cannot sync (some network or FUSE mounts) is not an error."""
+    fd = os.open(path, os.O_RDWR)      # Windows commits only handles opened for writing
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):
+            raise
     finally:
         os.close(fd)
 

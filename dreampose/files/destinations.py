@@ -11,11 +11,15 @@ from __future__ import annotations
 import errno
 import os
 import re
-import resource
 import shutil
 from typing import Callable, Iterable
 
 from ..errors import DreamPoseError
+
+try:
+    import resource
+except ImportError:          # not on Windows
+    resource = None
 
 _CAUSES = {
     errno.EROFS: ("the file system is read-only", "write somewhere else"),
@@ -49,12 +53,20 @@ def incomplete_write(path: str, what: str) -> DreamPoseError:
     free = _free_bytes(path)
     if free is not None and free < 64 * 2 ** 20:
         hints.append(f"{free / 2 ** 20:.1f} MiB free on that device")
-    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if soft != resource.RLIM_INFINITY:
-        hints.append(f"file-size limit {soft} bytes (ulimit -f)")
+    limit = _file_size_limit()
+    if limit is not None:
+        hints.append(f"file-size limit {limit} bytes (ulimit -f)")
     why = f" ({'; '.join(hints)})" if hints else ""
     return DreamPoseError(f"could not write {path}: {what}{why}; free some space or write somewhere else. "
                           "Nothing was left under that name.")
+
+
+def _file_size_limit() -> int | None:
+    """This process's ``ulimit -f`` in bytes, None when unlimited or not a POSIX system (Windows)."""
+    if resource is None:
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _free_bytes(path: str) -> int | None:
@@ -82,7 +94,7 @@ def check_writable(path: str, flag: str, *, need_bytes: int = 0) -> None:
         raise DreamPoseError(f"{flag} {path}: {folder} is a file, not a folder; check the path")
     try:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
+    except (OSError, AttributeError):     # no statvfs on Windows: the write itself will say
         read_only = False
     if read_only:
         raise DreamPoseError(f"{flag} {path}: {folder} is on a read-only file system; write somewhere else")
