@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--preview", metavar="PNG", help="also write a contact sheet: up to 4 videos, a few frames "
                                                     "each, UV visualised under every frame")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="replace videos another synth run (other seed, size, frames or rate) left in --out")
     p.set_defaults(func=run)
 
 
@@ -86,7 +88,8 @@ def run(args) -> int:
     try:
         folders = write_world_dataset(args.out, videos=settings.videos, frames=settings.frames,
                                       height=settings.height, width=settings.width, seed=settings.seed,
-                                      split=settings.split, mp4=settings.mp4, progress=progress, fps=settings.fps)
+                                      split=settings.split, mp4=settings.mp4, progress=progress, fps=settings.fps,
+                                      force=args.force)
     finally:
         bar.close()
     if args.preview:

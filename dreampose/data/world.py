@@ -16,6 +16,7 @@ the body's midline (a positive elbow/knee bends the distal bone back towards it)
 from __future__ import annotations
 
 import colorsys
+import json
 import math
 import os
 import re
@@ -660,13 +661,30 @@ def world_seeds(seed: int, split: str, index: int) -> tuple[int, int]:
     return base, base + 1
 
 
+def _same_world_job(folder: str, job: dict) -> bool | None:
+    """None: no finished video there; True: one of this very job; False: another run's."""
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and all(info.get(k) == v for k, v in job.items())
+
+
 def write_world_dataset(root: str, *, videos: int, frames: int, height: int, width: int,
                         seed: int = SynthSettings.seed, split: str = SynthSettings.split, mp4: bool = False,
-                        progress=None, fps: float = SynthSettings.fps) -> list[str]:
-    """``root/split/world_{k:04d}/`` for k < ``videos``; folders already finished are kept (resume).
+                        progress=None, fps: float = SynthSettings.fps, force: bool = False) -> list[str]:
+    """``root/split/world_{k:04d}/`` for k < ``videos``; folders already finished by this same job (same
+    seed, size, frames and rate) are kept (resume).
 
     Motion families cycle through :data:`MOTIONS` (from a seed-dependent start), so every family
     is represented. ``progress(done, total, folder, skipped)`` is called after each video.
+
+    Raises:
+        DreamPoseError: before anything is written, when a finished folder holds another run's video
+            (other seed, size, frames or rate) and not ``force`` (which replaces it).
     """
     for name, value, least in (("videos", videos, 1), ("frames", frames, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -676,11 +694,16 @@ def write_world_dataset(root: str, *, videos: int, frames: int, height: int, wid
     if os.path.exists(root) and not os.path.isdir(root):
         raise DreamPoseError(f"{root!r} is a file; give a folder for the synthetic dataset")
     first = int(np.random.default_rng([seed, 3]).integers(len(MOTIONS)))
-    folders = []
-    for k in range(videos):
-        folder = os.path.join(root, split, f"world_{k:04d}")
-        folders.append(folder)
-        skipped = os.path.isfile(os.path.join(folder, MARKER))
+    job = {"seed": seed, "frames": frames, "height": height, "width": width, "fps": fps, "split": split}
+    folders = [os.path.join(root, split, f"world_{k:04d}") for k in range(videos)]
+    keep = {}
+    for folder in folders:          # decided for every folder before the first one is written
+        keep[folder] = _same_world_job(folder, job)
+        if keep[folder] is False and not force:
+            raise DreamPoseError(f"{folder} holds a video of another synth run (other seed, size, frames or rate); "
+                                 "pass --force to replace it, or give another --out")
+    for k, folder in enumerate(folders):
+        skipped = bool(keep[folder])
         if not skipped:
             outfit_seed, motion_seed = world_seeds(seed, split, k)
             kind = MOTIONS[(first + k) % len(MOTIONS)]
