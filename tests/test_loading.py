@@ -594,3 +594,13 @@ def test_uv_file_with_the_wrong_shape(tmp_path):
     np.save(tmp_path / "frame_0_densepose.npy", np.zeros((3, 8, 8)))
     with pytest.raises(DreamPoseError, match=r"\(2, H, W\)"):
         poses.load_uv_file(str(tmp_path / "frame_0_densepose.npy"))
+
+
+def test_the_authors_files_take_a_diffusers_bases_configs(authors_release, tiny_sd_folder, tiny_clip_folder):
+    """Their .pth files carry no config; against a base that is not SD 1.x sized (here the tiny one) the
+    base's UNet and VAE configs are used instead of failing on shapes."""
+    m = load_dreampose(dreampose=authors_release.unet_path, vae=authors_release.vae_path, base=tiny_sd_folder,
+                       clip=tiny_clip_folder)
+    assert m.unet.config.in_channels == UNET_IN_CHANNELS
+    assert_same_tensors(m.unet.state_dict(), authors_release.unet_state)
+    assert_same_tensors(m.vae.state_dict(), authors_release.vae_state)

@@ -439,3 +439,28 @@ def test_kill_9_mid_run_leaves_a_run_that_resumes(kill_after, videos_root, tmp_p
     assert os.path.isfile(out / tr.FINAL_NAME)
     assert [r["step"] for r in read_jsonl(out / tr.LOG_NAME)][-1] == 8
     assert not [n for n in os.listdir(out / tr.CHECKPOINTS) if n.startswith(".tmp-") or n.endswith(".old")]
+
+
+class _Payload:
+    """A pickle that would run a command when unpickled without weights_only."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_refused_pickle_in_a_checkpoint_is_reported_and_skipped(videos_root, tmp_path, tiny_sd_folder,
+                                                                  tiny_clip_folder):
+    common = {"steps": 3, "save_every": 1, "keep": 2}
+    out = tmp_path / "run"
+    run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **{**common, "steps": 2}))
+    marker = tmp_path / "ran"
+    torch.save({"state": _Payload(str(marker))}, out / tr.CHECKPOINTS / "step_2" / "optimizer.bin")
+    messages = []
+    resumed = tr.train(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **common, resume="latest"),
+                       log=messages.append, progress=False)
+    assert not marker.exists()                                   # never unpickled as code
+    assert resumed.start_step == 1
+    assert any("step_2 does not load (UnpicklingError" in m for m in messages), messages

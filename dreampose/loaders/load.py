@@ -238,6 +238,13 @@ def _base_scheduler_config(base: str | None) -> dict | None:
     return read_config(path) if path and os.path.isfile(path) else None
 
 
+def _base_config(base: str | None, part: str) -> dict | None:
+    """A diffusers base folder's ``unet``/``vae`` config: the shapes the authors' files (which carry no
+    config) were trained in when the base is not SD 1.x sized."""
+    path = os.path.join(base, part, "config.json") if base and os.path.isdir(base) else None
+    return read_config(path) if path and os.path.isfile(path) else None
+
+
 def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, base: str | None = None,
                    vae: str | None = None,
                    adapter: str | None = None, convention: str | None = None, unet_config: dict | None = None,
@@ -288,8 +295,8 @@ def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, bas
         conv = convention or meta.get("convention", "standard")
         file_scheduler = metadata_json(meta, "scheduler_config", dreampose)
         info.update({k: meta[k] for k in ("finetuned", "base_model", "subject", "source") if k in meta})
-    elif dreampose:
-        unet = load_authors_unet(dreampose, unet_config)
+    elif dreampose:      # the authors' files carry no config: the base folder's, else SD 1.x's
+        unet = load_authors_unet(dreampose, unet_config or _base_config(base, "unet"))
         ad = load_authors_adapter(adapter)
         conv = convention or "official"
     else:
@@ -298,7 +305,8 @@ def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, bas
         conv = convention or "standard"
     check_convention(conv)
     if vae:
-        vae_model = load_vae(vae, vae_config)
+        single_file = not os.path.isdir(vae)
+        vae_model = load_vae(vae, vae_config or (_base_config(base, "vae") if single_file else None))
     else:
         vae_model = file_vae if file_vae is not None else load_vae(base, vae_config)
     scheduler_config = file_scheduler or _base_scheduler_config(base) or default_scheduler_config()
