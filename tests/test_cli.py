@@ -293,3 +293,25 @@ def test_video_writer_keeps_rgb_order_and_leaves_no_temp_files(tmp_path):
         write_mp4(frames, str(tmp_path / "x.mp4"), fps=0)
     with pytest.raises(ValueError, match=r"\[F,H,W,3\]"):
         save_png_frames(torch.zeros(2, 3, 8, 8), str(tmp_path))
+
+
+def test_animate_frames_range_writes_those_frames_of_the_whole_run(tmp_path, tiny_dreampose_file, tiny_clip_folder,
+                                                                  inputs, capsys):
+    whole, part = str(tmp_path / "whole"), str(tmp_path / "part")
+    common = ("--sampler", "ddim", "--frames-per-batch", 1)
+    assert run_cli(*animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, whole, *common)) == 0
+    assert run_cli(*animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, part, *common, "--frames", "1:")) == 0
+    names = sorted(n for n in os.listdir(part) if n.endswith(".png"))
+    assert names == ["frame_0001.png", "frame_0002.png"]          # the files keep their frame numbers
+    for n in names:
+        assert np.array_equal(np.asarray(Image.open(os.path.join(part, n))),
+                              np.asarray(Image.open(os.path.join(whole, n))))
+    cap = cv2.VideoCapture(os.path.join(part, VIDEO_NAME))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 2
+    cap.release()
+    capsys.readouterr()
+    assert run_cli(*animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, str(tmp_path / "none"),
+                                 "--frames", "5:9")) == 2
+    assert "selects no frame of the 3 pose frame(s)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["animate", "--image", "x", "--poses", "y", "--out", "z", "--frames", "3"])

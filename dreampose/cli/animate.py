@@ -11,10 +11,11 @@ import os
 import re
 import time
 
+from ..errors import DreamPoseError
 from ..settings import ANIMATE_FPS, PAPER_SAMPLING, SamplingOptions
 from .common import (RUN_INFO_NAME, StepBar, add_device_args, add_options, add_weight_args, check_run_folder,
-                     check_paths, check_weights_given, err, load_image, load_model, nonnegative_int, options_from_args,
-                     positive_float, read_init_latents)
+                     check_paths, check_weights_given, err, frame_range, load_image, load_model, nonnegative_int,
+                     options_from_args, positive_float, read_init_latents)
 
 VIDEO_NAME = "dreampose.mp4"
 LATENTS_NAME = "latents.safetensors"
@@ -46,6 +47,10 @@ def register(sub) -> None:
     p.add_argument("--poses", required=True, help="folder of frame_N_densepose.npy (2,H,W) UV files")
     p.add_argument("--first-frame", type=nonnegative_int, default=0, help="skip this many pose frames")
     p.add_argument("--max-frames", type=nonnegative_int, default=0, help="at most this many frames (0 = all)")
+    p.add_argument("--frames", type=frame_range, dest="frame_range", metavar="START:END",
+                   help="render only frames START … END-1 of the sequence (either side may be empty), each pose "
+                        "window still filled from its real neighbours, so they equal those frames of the whole "
+                        "run (deterministic samplers); the files keep their frame numbers")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--subject", action="append", metavar="FILE.safetensors",
                    help="a saved subject finetune (finetune-subject / finetune-vae output) applied on top of the "
@@ -95,19 +100,21 @@ def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bo
         done[0] += chunk.frames.stop - chunk.frames.start
         decoding(done[0], total)
 
+    frames = getattr(args, "frame_range", None)
     clip = animate_clip(model, image, uv, options, generator=generator, latents=x_t, callback=sampling,
-                        on_chunk=on_chunk)
+                        on_chunk=on_chunk, frames=frames)
+    first = frames.indices(uv.shape[0])[0] if frames is not None else 0
     stats = clip.stats
     timings = {"encode_s": stats.encode_s, "sample_s": stats.sample_s, "decode_s": stats.decode_s}
 
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
-    pngs, mp4 = save_video(clip.frames, args.out, fps=args.fps, video_name=VIDEO_NAME)
+    pngs, mp4 = save_video(clip.frames, args.out, fps=args.fps, video_name=VIDEO_NAME, start=first)
     written = {"frames": pngs, "video": mp4}
     stale = sorted(n for n in os.listdir(args.out) if (m := re.match(r"^frame_(\d{4,})\.png$", n))
-                   and int(m.group(1)) >= len(pngs))
+                   and not first <= int(m.group(1)) < first + len(pngs))
     if stale:
-        err(f"warning: {args.out} still holds {len(stale)} frame(s) from an earlier, longer run "
+        err(f"warning: {args.out} still holds {len(stale)} frame(s) from an earlier run of other frames "
             f"({stale[0]} …); they are not part of this video")
     if args.save_latents:
         meta = {"width": str(options.width), "height": str(options.height), "steps": str(options.steps),
@@ -168,7 +175,14 @@ def run(args) -> int:
     dtype = resolve_dtype(args.dtype, device)
     image = load_image(args.image)
     uv = load_uv_folder(args.poses, args.first_frame, args.max_frames)
-    args.init_latents_tensor = (read_init_latents(args.init_latents, uv.shape[0], options.height, options.width)
+    count = uv.shape[0]
+    if args.frame_range is not None:
+        start, stop, _ = args.frame_range.indices(count)
+        if start >= stop:
+            raise DreamPoseError(f"--frames {args.frame_range.start or ''}:{args.frame_range.stop or ''} selects no "
+                                 f"frame of the {count} pose frame(s) in {args.poses}")
+        count = stop - start
+    args.init_latents_tensor = (read_init_latents(args.init_latents, count, options.height, options.width)
                                 if args.init_latents else None)
     err(f"{uv.shape[0]} pose frame(s) from {args.poses}; key frame {image.shape[2]}x{image.shape[1]} (WxH)")
 

@@ -92,6 +92,20 @@ positive_int = int_at_least(1)
 nonnegative_int = int_at_least(0)
 
 
+def frame_range(text: str) -> slice:
+    """An argparse type: ``START:END`` (END excluded, either side may be empty) → a slice."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END (e.g. 10:20, :8, 40:), got {text!r}") from None
+    if (start is not None and start < 0) or (stop is not None and stop < 0):
+        raise argparse.ArgumentTypeError(f"frame numbers are 0 or more, got {text!r}")
+    return slice(start, stop)
+
+
 def finite_float(text: str) -> float:
     try:
         value = float(text)

@@ -42,12 +42,16 @@ class Animation:
 
 
 def prepare(model, image: torch.Tensor, uv: torch.Tensor, options: SamplingOptions, *,
-            generator: torch.Generator | None = None,
-            offsets: tuple[int, ...] = WINDOW_OFFSETS) -> tuple[ImageCondition, PoseWindows]:
-    """Steps 1 and 2: the subject's condition (drawing from ``generator``) and the pose windows."""
+            generator: torch.Generator | None = None, offsets: tuple[int, ...] = WINDOW_OFFSETS,
+            frames: slice | None = None) -> tuple[ImageCondition, PoseWindows]:
+    """Steps 1 and 2: the subject's condition (drawing from ``generator``) and the pose windows (of the
+    ``frames`` range only, each window still filled from the whole sequence: :meth:`PoseWindows.select`)."""
     options.check()
+    windows = make_pose_windows(uv, options.height, options.width, offsets)
+    if frames is not None:
+        windows = windows.select(frames)        # checked before the encoders run
     cond = encode_image_condition(model, image, latent_mode=options.conditioning_latent, generator=generator)
-    return cond, make_pose_windows(uv, options.height, options.width, offsets)
+    return cond, windows
 
 
 @torch.no_grad()
@@ -75,7 +79,7 @@ def generate(model, cond: ImageCondition, poses: PoseWindows, options: SamplingO
 def animate(model, image: torch.Tensor, uv: torch.Tensor, options: SamplingOptions, *,
             generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
             callback: StepCallback | None = None, stats: SampleStats | None = None,
-            offsets: tuple[int, ...] = WINDOW_OFFSETS) -> Iterator[Chunk]:
+            offsets: tuple[int, ...] = WINDOW_OFFSETS, frames: slice | None = None) -> Iterator[Chunk]:
     """Animate ``image`` along ``uv``, streaming chunks of frames.
 
     Args:
@@ -90,13 +94,16 @@ def animate(model, image: torch.Tensor, uv: torch.Tensor, options: SamplingOptio
             cancels the run (ComfyUI's interrupt).
         stats: filled with what the loop did (UNet calls and batch, x_T).
         offsets: the pose window, ``(-2, -1, 0, 1, 2)``; ``(0,) * 5`` is the paper's 1-pose ablation.
+        frames: render only this range of the sequence (``slice(start, end)``); its windows see their real
+            neighbours, so with a deterministic sampler the frames are those of the whole run. Chunks then
+            count from the range's first frame.
 
     Yields:
         :class:`Chunk` objects in frame order.
     """
     generator = generator if generator is not None else torch.Generator().manual_seed(options.seed)
     t0 = time.perf_counter()
-    cond, poses = prepare(model, image, uv, options, generator=generator, offsets=offsets)
+    cond, poses = prepare(model, image, uv, options, generator=generator, offsets=offsets, frames=frames)
     if stats is not None:
         stats.encode_s += time.perf_counter() - t0
     yield from generate(model, cond, poses, options, generator=generator, latents=latents, callback=callback,
@@ -107,19 +114,21 @@ def animate(model, image: torch.Tensor, uv: torch.Tensor, options: SamplingOptio
 def animate_clip(model, image: torch.Tensor, uv: torch.Tensor, options: SamplingOptions, *,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  callback: StepCallback | None = None, on_chunk=None,
-                 offsets: tuple[int, ...] = WINDOW_OFFSETS) -> Animation:
+                 offsets: tuple[int, ...] = WINDOW_OFFSETS, frames: slice | None = None) -> Animation:
     """:func:`animate`, collected into one :class:`Animation` (output stretched as ``options.stretch``
-    says). ``on_chunk(chunk, total_frames)`` is called as each chunk arrives (decoding progress)."""
+    says). ``on_chunk(chunk, total_frames)`` is called as each chunk arrives (decoding progress).
+    ``frames``: only that range of the sequence (:func:`animate`); the Animation holds just those."""
     stats = SampleStats()
-    frames = latents_out = None
-    total = uv.shape[0] if uv.ndim == 4 else 1
+    images = latents_out = None
+    count = uv.shape[0] if uv.ndim == 4 else 1
+    total = len(range(*frames.indices(count))) if frames is not None else count
     for chunk in animate(model, image, uv, options, generator=generator, latents=latents, callback=callback,
-                         stats=stats, offsets=offsets):
-        if frames is None:
-            frames = chunk.images.new_empty((total, *chunk.images.shape[1:]))
+                         stats=stats, offsets=offsets, frames=frames):
+        if images is None:
+            images = chunk.images.new_empty((total, *chunk.images.shape[1:]))
             latents_out = chunk.latents.new_empty((total, *chunk.latents.shape[1:]))
-        frames[chunk.frames] = chunk.images
+        images[chunk.frames] = chunk.images
         latents_out[chunk.frames] = chunk.latents
         if on_chunk is not None:
             on_chunk(chunk, total)
-    return Animation(stretch_frames(frames, options.stretch), latents_out, stats)
+    return Animation(stretch_frames(images, options.stretch), latents_out, stats)

@@ -193,7 +193,16 @@ class PoseWindows:
     width: int
 
     def __len__(self) -> int:
-        return self.uv.shape[0]
+        return self.indices.shape[0]
+
+    def select(self, frames: slice) -> "PoseWindows":
+        """The windows of frames ``frames`` (a step-1 slice) of the sequence, each still filled from its
+        real neighbours in the whole sequence: a sub-range renders what those frames of the whole run are."""
+        start, stop, step = frames.indices(len(self))
+        if step != 1 or start >= stop:
+            raise DreamPoseError(f"frame range {frames.start}:{frames.stop} selects no frames of the {len(self)} "
+                                 "pose frames (give START:END with START < END, END at most the frame count)")
+        return PoseWindows(self.uv, self.indices[start:stop], self.height, self.width)
 
     def windows(self, frames: slice | torch.Tensor | list[int] = slice(None)) -> torch.Tensor:
         """``[n,10,h,w]`` UNet pose channels for the chosen frames (p(i−2)u,v … p(i+2)u,v)."""

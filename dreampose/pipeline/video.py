@@ -112,7 +112,8 @@ def _encode(rgb: np.ndarray, suffix: str) -> bytes:
     return data.tobytes()
 
 
-def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreampose.mp4") -> tuple[list[str], str]:
+def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreampose.mp4",
+               start: int = 0) -> tuple[list[str], str]:
     """PNG frames and the MP4 in ``folder``; returns (png paths, mp4 path).
 
     Args:
@@ -120,12 +121,13 @@ def save_video(frames, folder: str, fps: float = 30.0, video_name: str = "dreamp
         folder: where both go; the PNGs are ``frame_0000.png`` … from 0.
         fps: the video's frame rate.
         video_name: the MP4's file name in ``folder``.
+        start: the number of the first PNG (a frame range keeps its frames' numbers).
 
     Returns:
         ``(png_paths, mp4_path)``.
     """
     video = to_uint8(frames)
-    pngs = save_png_frames(video, folder)
+    pngs = save_png_frames(video, folder, start=start)
     mp4 = write_mp4(video, os.path.join(folder, video_name), fps)
     return pngs, mp4
 
