@@ -56,6 +56,12 @@ class DensePoseWindow5(io.ComfyNode):
                              tooltip="Output width in pixels, a multiple of 64 (DreamPose was trained at 512×640)."),
                 io.Int.Input("height", default=PAPER_SAMPLING.height, min=64, max=MAX_SIZE, step=64,
                              tooltip="Output height in pixels, a multiple of 64."),
+                io.Int.Input("first_frame", default=0, min=0, max=10 ** 6, optional=True,
+                             tooltip="Render from this frame of the sequence (0 = the first). Every window still "
+                                     "takes its neighbours from the whole sequence, so a range gives exactly those "
+                                     "frames of the whole animation: for previews and splitting long videos."),
+                io.Int.Input("frame_count", default=0, min=0, max=10 ** 6, optional=True,
+                             tooltip="How many frames to render from first_frame (0 = to the end)."),
             ],
             outputs=[DreamPosePoseType.Output(
                 display_name="poses", tooltip="Pose windows at the output size, for DualCFGSampler.")],
@@ -75,5 +81,8 @@ class DensePoseWindow5(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, uv, width: int, height: int) -> io.NodeOutput:
-        return io.NodeOutput(make_pose_windows(require_uv(uv), height=height, width=width))
+    def execute(cls, uv, width: int, height: int, first_frame: int = 0, frame_count: int = 0) -> io.NodeOutput:
+        windows = make_pose_windows(require_uv(uv), height=height, width=width)
+        if first_frame or frame_count:
+            windows = windows.select(slice(first_frame, first_frame + frame_count if frame_count else None))
+        return io.NodeOutput(windows)

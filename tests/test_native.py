@@ -176,6 +176,29 @@ print(json.dumps(out))
     assert got["same"] <= 1e-5, got
 
 
+def test_a_frame_range_on_the_pose_windows_node_gives_those_frames_of_the_whole_run(tmp_path):
+    got = host_probe(SAMPLER_SETUP + r"""
+from dreampose_pack.nodes.poses import DensePoseWindow5
+whole = DensePoseWindow5.execute(uv, W, H).result[0]
+part = DensePoseWindow5.execute(uv, W, H, 1, 2).result[0]
+out["frames"] = len(part)
+out["windows"] = (part.windows() - whole.windows(slice(1, 3))).abs().max().item()
+
+
+def run(windows):
+    with torch.inference_mode():
+        return DualCFGSampler.execute(bundle, cond, windows, 5.0, 2.0, 3, "ddim", 0, 1, "official",
+                                      "none").result[1]["samples"]
+
+
+a, b = run(whole), run(part)
+out["latents"] = (b - a[1:3]).abs().max().item()
+print(json.dumps(out))
+""", tmp_path)
+    assert got["frames"] == 2 and got["windows"] == 0.0, got
+    assert got["latents"] == 0.0, got          # one frame per call: the same arithmetic, bit for bit
+
+
 def test_dual_cfg_sampler_on_core_equals_the_library(tmp_path):
     """DualCFGSampler through core (Guider_DualCFG per chunk, core's UNet code): with 'as sampler' every
     library scheduler gives the library's latents; core's own samplers run from the same start."""

@@ -34,7 +34,7 @@ INPUT_ORDER = {
                       "subject"],
     "CLIPVAEAdapterEncode": ["model", "image", "conditioning_latent", "seed"],
     "DreamPoseLoadUV": ["folder", "start", "count"],
-    "DensePoseWindow5": ["uv", "width", "height"],
+    "DensePoseWindow5": ["uv", "width", "height", "first_frame", "frame_count"],
     "DualCFGSampler": ["model", "cond", "poses", "s_image", "s_pose", "steps", "sampler", "seed",
                        "frames_per_batch", "start", "stretch", "core_sampler", "scheduler", "core_model"],
     "DreamPoseApplyPose": ["image", "null", "poses", "start", "seed", "vae", "key_frame"],
