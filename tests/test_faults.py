@@ -457,7 +457,7 @@ def test_no_command_needs_clip_when_the_bundle_carries_it(tmp_path, inputs, no_w
         check_bundle(inputs["image"], clip=None)
 
 
-# ------------------------------------------------------------------------------ conditions and subjects know their model
+# ------------------------------------------------------------------------ conditions and subjects know their model
 
 def test_a_condition_is_refused_by_another_model_before_any_unet_call():
     from dreampose.demo.tiny import tiny_dreampose
