@@ -241,11 +241,6 @@ def check_paths(**paths) -> None:
     require_flags(**paths)
 
 
-def check_out_folder(out: str) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DreamPoseError(f"--out {out} is a file; give a folder for the frames and the video")
-
-
 # options that change how a run is shown, not what it writes: a rerun that differs only in them is the same job
 _NOT_THE_JOB = frozenset({"func", "init_latents_tensor", "command", "quiet", "threads", "force"})
 
@@ -274,7 +269,6 @@ def check_run_folder(args, outputs, inputs, record: str = RUN_INFO_NAME) -> None
     job (its ``record`` says so), or ``--force``; the folder is none of the inputs and can be written."""
     from ..files.destinations import check_output_folder
 
-    check_out_folder(args.out)
     check_output_folder(args.out, "--out", outputs, inputs=inputs, force=getattr(args, "force", False),
                         same_job=same_run(args, record))
 

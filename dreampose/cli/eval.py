@@ -7,10 +7,8 @@ the sampling and finetune flags are :class:`~dreampose.settings.EvalSettings`.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
-from ..errors import DreamPoseError
 from ..settings import EvalSettings
 from .common import add_device_args, add_options, check_paths, check_run_folder, err, job_record, options_from_args
 
@@ -80,8 +78,6 @@ def run(args) -> int:
     from ..models.devices import resolve_device, resolve_dtype
 
     # 1. everything the user gave, checked before any model weights are read
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DreamPoseError(f"--out {args.out} is a file; give a folder")
     inputs = [(f"--{n}", getattr(args, n, None)) for n in ("clip", "base", "vae", "dreampose")]
     inputs += [("--data", d) for d in (args.data if isinstance(args.data, list) else [args.data])]
     check_run_folder(args, OUTPUTS, inputs, record="metrics.json")
