@@ -143,6 +143,17 @@ def check_guidance(scale, what: str) -> float:
     return float(scale)
 
 
+def check_guidance_interval(start, end) -> tuple[float, float]:
+    """Where guidance applies, as fractions of the schedule: 0 ≤ start ≤ end ≤ 1."""
+    for value, what in ((start, "guidance_start"), (end, "guidance_end")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise DreamPoseError(f"{what} must be a fraction of the schedule from 0 to 1, got {value!r}")
+    if start > end:
+        raise DreamPoseError(f"guidance_start ({start:g}) is after guidance_end ({end:g}): the interval is empty; "
+                             "use 0 and 1 for guidance at every step")
+    return float(start), float(end)
+
+
 def check_seed(seed, what: str = "seed") -> int:
     """A whole number 0 … 2**64−1 (what ``torch.Generator.manual_seed`` accepts)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -210,6 +221,12 @@ class SamplingOptions:
                                    group="sampling")
     stretch: str = option("none", "output min-max stretch; per_frame is the authors' (flickers), default {default}",
                           choices=STRETCH_MODES, group="sampling")
+    guidance_start: float = option(
+        0.0, "guidance only from this fraction of the schedule on (0: the first, noisiest step; default {default:g}); "
+             "outside the interval one UNet branch instead of three", kind="unit", group="sampling")
+    guidance_end: float = option(
+        1.0, "guidance only up to this fraction of the schedule (1: the last step; default {default:g})", kind="unit",
+        group="sampling")
 
     def check(self) -> SamplingOptions:
         """Every field valid, or a DreamPoseError naming the first wrong one."""
@@ -225,6 +242,7 @@ class SamplingOptions:
         check_start(self.start)
         check_stretch(self.stretch)
         check_latent_mode(self.conditioning_latent)
+        check_guidance_interval(self.guidance_start, self.guidance_end)
         return self
 
     def replace(self, **changes) -> SamplingOptions:
@@ -504,6 +522,10 @@ class EvalSettings:
                        maximum=MAX_SEED, group=_EVAL_SAMPLING)
     frames_per_batch: int = option(PAPER_SAMPLING.frames_per_batch, "frames sharing one UNet call (default "
                                    "{default})", minimum=1, group=_EVAL_SAMPLING)
+    guidance_start: float = option(0.0, "guidance only from this fraction of the schedule on (default {default:g})",
+                                   kind="unit", group=_EVAL_SAMPLING)
+    guidance_end: float = option(1.0, "guidance only up to this fraction of the schedule (default {default:g})",
+                                 kind="unit", group=_EVAL_SAMPLING)
     height: int | None = option(None, "sampling height, a multiple of 64 (default: the ground truth's)",
                                 group=_EVAL_SAMPLING, cli={"type": int})
     width: int | None = option(None, "sampling width, a multiple of 64 (default: the ground truth's)",
@@ -528,7 +550,8 @@ class EvalSettings:
         """The sampling options of a video of this (sampling) size."""
         return SamplingOptions(width=width, height=height, steps=self.steps, sampler=self.sampler,
                                s_image=self.s_image, s_pose=self.s_pose, seed=self.seed,
-                               frames_per_batch=self.frames_per_batch)
+                               frames_per_batch=self.frames_per_batch, guidance_start=self.guidance_start,
+                               guidance_end=self.guidance_end)
 
 
 # ------------------------------------------------------------------------------ data

@@ -21,7 +21,9 @@ import comfy.utils
 from comfy_extras.nodes_custom_sampler import Guider_DualCFG
 
 from ..dreampose.errors import DreamPoseError
+from ..dreampose.pipeline.guidance import guided_at
 from ..dreampose.pipeline.sampling import make_scheduler
+from ..dreampose.settings import check_guidance_interval
 
 
 def pose_conditionings(image: list, null: list, pose: torch.Tensor) -> tuple[list, list, list]:
@@ -40,10 +42,32 @@ def pose_conditionings(image: list, null: list, pose: torch.Tensor) -> tuple[lis
     return attach(image, pose), attach(image, zeros), attach(null, zeros)
 
 
+class IntervalDualCFG(Guider_DualCFG):
+    """Core's dual-CFG guider, guiding only inside a part of the schedule (``interval``, fractions as
+    :func:`dreampose.pipeline.guidance.guided_at` reads them); outside it both scales are 1, so core
+    drops the two null branches and evaluates the image-and-pose cond alone."""
+
+    interval = (0.0, 1.0)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        ms = self.model_patcher.get_model_object("model_sampling")
+        if guided_at(ms.timestep(timestep.flatten()[:1]).item(), *self.interval):
+            return super().predict_noise(x, timestep, model_options, seed)
+        scales = self.cfg1, self.cfg2
+        self.cfg1 = self.cfg2 = 1.0
+        try:
+            return super().predict_noise(x, timestep, model_options, seed)
+        finally:
+            self.cfg1, self.cfg2 = scales
+
+
 def dual_cfg_guider(model, positive: list, image_only: list, negative: list, s_image: float,
-                    s_pose: float) -> Guider_DualCFG:
-    """Core's dual-CFG guider computing ε(∅,∅) + s_I·(ε(I,∅) − ε(∅,∅)) + s_p·(ε(I,P) − ε(I,∅))."""
-    guider = Guider_DualCFG(model)
+                    s_pose: float, interval: tuple[float, float] = (0.0, 1.0)) -> Guider_DualCFG:
+    """Core's dual-CFG guider computing ε(∅,∅) + s_I·(ε(I,∅) − ε(∅,∅)) + s_p·(ε(I,P) − ε(I,∅)); with an
+    ``interval`` other than the whole schedule, :class:`IntervalDualCFG`."""
+    interval = check_guidance_interval(*interval)
+    guider = Guider_DualCFG(model) if interval == (0.0, 1.0) else IntervalDualCFG(model)
+    guider.interval = interval
     guider.set_conds(positive, image_only, negative)
     guider.set_cfg(s_pose, s_image, nested=False)
     return guider
@@ -98,13 +122,13 @@ def core_sigmas(model, sampler: str, scheduler: str, steps: int) -> torch.Tensor
 
 def sample_chunk(model, positive: list, image_only: list, negative: list, s_image: float, s_pose: float, *,
                  sampler, sigmas: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor, seed: int,
-                 callback=None) -> torch.Tensor:
+                 callback=None, interval: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
     """One chunk of frames through core: ``Guider_DualCFG`` + ``sampler`` over ``sigmas``, from
     ``latent_image`` (unscaled, core's LATENT convention; zeros for pure noise) and ``noise``.
 
     Returns:
         The denoised latents, unscaled (what a core LATENT holds), float32.
     """
-    guider = dual_cfg_guider(model, positive, image_only, negative, s_image, s_pose)
+    guider = dual_cfg_guider(model, positive, image_only, negative, s_image, s_pose, interval)
     return guider.sample(noise, latent_image, sampler, sigmas, callback=callback,
                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

@@ -78,6 +78,14 @@ class DualCFGSampler(io.ComfyNode):
                 io.Model.Input("core_model", optional=True,
                                tooltip="Optional: the DreamPose MODEL after core nodes changed it (LoRA loaders, "
                                        "model patches), from Load DreamPose's MODEL output. Unconnected: the bundle's."),
+                io.Float.Input("guidance_start", default=DEFAULTS.guidance_start, min=0.0, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="Guide only from this fraction of the schedule on (0: from the first, "
+                                       "noisiest step). Outside the interval one UNet branch runs instead of three."),
+                io.Float.Input("guidance_end", default=DEFAULTS.guidance_end, min=0.0, max=1.0, step=0.01,
+                               optional=True,
+                               tooltip="Guide only up to this fraction of the schedule (1: to the last step). "
+                                       "0 and 1: guidance at every step, as the paper."),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
@@ -91,7 +99,8 @@ class DualCFGSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, cond, poses, s_image: float, s_pose: float, steps: int, sampler: str, seed: int,
                 frames_per_batch: int, start: str, stretch: str, core_sampler: str = AS_SAMPLER,
-                scheduler: str = "normal", core_model=None) -> io.NodeOutput:
+                scheduler: str = "normal", core_model=None, guidance_start: float = DEFAULTS.guidance_start,
+                guidance_end: float = DEFAULTS.guidance_end) -> io.NodeOutput:
         model = require_model(model)
         windows = require_windows(poses)
         cond = check_condition_fits(cond, model.cross_attention_dim, model.convention)
@@ -99,7 +108,8 @@ class DualCFGSampler(io.ComfyNode):
         check_condition_source(library_view, cond)
         options = SamplingOptions(width=windows.width, height=windows.height, steps=steps, sampler=sampler,
                                   s_image=s_image, s_pose=s_pose, seed=seed, start=start,
-                                  frames_per_batch=frames_per_batch, stretch=stretch).check()
+                                  frames_per_batch=frames_per_batch, stretch=stretch, guidance_start=guidance_start,
+                                  guidance_end=guidance_end).check()
         unet = require_core_unet(core_model) if core_model is not None else model.unet
         image = [[cond.cond, {}]]
         null = [[cond.uncond, {}]]
@@ -146,7 +156,8 @@ class DualCFGSampler(io.ComfyNode):
                 chunk_sampler = core
             z = cs.sample_chunk(unet, positive, image_only, negative, s_image, s_pose, sampler=chunk_sampler,
                                 sigmas=sigmas, noise=noise.expand(n, -1, -1, -1).clone(),
-                                latent_image=start_latent.expand(n, -1, -1, -1).clone(), seed=seed, callback=on_step)
+                                latent_image=start_latent.expand(n, -1, -1, -1).clone(), seed=seed, callback=on_step,
+                                interval=(guidance_start, guidance_end))
             latents[part] = z.to(out)
             frames[part] = model.vae.decode(z).to(out, torch.float32)
             del z

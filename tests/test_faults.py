@@ -390,6 +390,7 @@ def test_an_image_flag_pointing_at_a_folder_says_so(tmp_path, tiny_dreampose_fil
 @pytest.mark.parametrize("change, message", [
     ({"--s-image": 1000}, "s_image must be a number from 0 to 30"),
     ({"--s-pose": -2}, "s_pose must be a number from 0 to 30"),
+    ({"--guidance-start": 0.7, "--guidance-end": 0.2}, "guidance_start (0.7) is after guidance_end (0.2)"),
     ({"--init-latents": "NAN"}, "the latents must be finite floating-point numbers"),
 ])
 def test_absurd_guidance_and_nan_latents_are_refused_before_loading(change, message, tmp_path, tiny_dreampose_file,

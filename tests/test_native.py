@@ -364,3 +364,36 @@ print(json.dumps(out))
 """, tmp_path)
     assert got["dtypes"] == ["torch.float8_e4m3fn"] and got["compute"] == "torch.float32", got
     assert got["finite"] and 0 < got["rel"] < 0.2, got
+
+
+def test_guidance_interval_on_core_equals_the_library(tmp_path):
+    """Guidance limited to part of the schedule (IntervalDualCFG): outside it core evaluates the image-and-pose
+    cond alone; 'as sampler' then gives the library's latents with the same interval, and the full interval is
+    the plain guider exactly."""
+    got = host_probe(SAMPLER_SETUP + r"""
+from dreampose_pack.dreampose.pipeline.guidance import guided_at
+batches = []
+bundle.unet.set_model_unet_function_wrapper(
+    lambda apply, a: batches.append(a["input"].shape[0]) or apply(a["input"], a["timestep"], **a["c"]))
+options = SamplingOptions(width=W, height=H, steps=4, sampler="ddim", s_image=5.0, s_pose=2.0, seed=3, start="official",
+                          frames_per_batch=2, guidance_start=0.0, guidance_end=0.5)
+with torch.inference_mode():
+    want = sample(model, cond, windows, options, generator=torch.Generator().manual_seed(3)) / VAE_SCALE
+got = node("ddim", 4, guidance_start=0.0, guidance_end=0.5)
+out["interval"] = rel(got, want)
+out["batches"] = batches[:]
+sched = cs.make_scheduler("ddim", model.scheduler_config)
+sched.set_timesteps(4)
+out["guided"] = [guided_at(t, 0.0, 0.5) for t in sched.timesteps.tolist()]
+batches.clear()
+out["full"] = (node("ddim", 4, guidance_start=0.0, guidance_end=1.0) - node("ddim", 4)).abs().max().item()
+out["plain"] = rel(node("ddim", 4), want)
+print(json.dumps(out))
+""", tmp_path)
+    assert got["interval"] <= 1e-5, got
+    assert got["plain"] > 1e-3, got                       # the interval really changed the frames
+    assert got["full"] == 0.0, got
+    assert True in got["guided"] and False in got["guided"], got
+    # chunks of 2 frames, then 1: three conds per guided step, one outside the interval
+    want = [3 * n if g else n for n in (2, 1) for g in got["guided"]]
+    assert got["batches"] == want, got

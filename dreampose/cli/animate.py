@@ -126,7 +126,7 @@ def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bo
             written["init_latents" if kind == "x_T" else "latents"] = path
     timings["write_s"] = time.perf_counter() - t0
     return {"frames": len(pngs), "unet_calls": stats.unet_calls, "unet_batch": stats.unet_batch,
-            "timings": timings, "written": written, "video": clip.frames}
+            "image_evaluations": stats.image_evaluations, "timings": timings, "written": written, "video": clip.frames}
 
 
 def summary(result: dict, args, options: SamplingOptions, device, dtype, load_s: float) -> None:
@@ -142,7 +142,9 @@ def summary(result: dict, args, options: SamplingOptions, device, dtype, load_s:
         print(f"latents: x_T in {result['written']['init_latents']}, final in {result['written']['latents']}")
     print(f"{options.sampler}, {options.steps} steps, s_image {options.s_image:g}, s_pose {options.s_pose:g}, "
           f"seed {options.seed}, {device} {dtype_name(dtype)}: {result['unet_calls']} UNet calls at batch "
-          f"{result['unet_batch']}")
+          f"{result['unet_batch']}, {result['image_evaluations'] / n:g} image evaluations per frame"
+          + (f" (guidance from {options.guidance_start:g} to {options.guidance_end:g} of the schedule)"
+             if (options.guidance_start, options.guidance_end) != (0.0, 1.0) else ""))
     print(f"time: load {load_s:.1f} s, encode {t['encode_s']:.1f} s, sampling {t['sample_s']:.1f} s "
           f"({t['sample_s'] / n:.2f} s/frame), decode {t['decode_s']:.1f} s, write {t['write_s']:.1f} s")
 
@@ -154,7 +156,8 @@ def write_run_info(args, options: SamplingOptions, result: dict, device, dtype, 
     skip = {"func", "init_latents_tensor", "command"}
     info = {"command": args.command, "options": {k: v for k, v in vars(args).items() if k not in skip},
             "sampling": options.to_dict(), "device": str(device), "dtype": dtype_name(dtype), **extra,
-            "frames": result["frames"], "unet_calls": result["unet_calls"], "timings": result["timings"]}
+            "frames": result["frames"], "unet_calls": result["unet_calls"],
+            "image_evaluations": result["image_evaluations"], "timings": result["timings"]}
     write_text_atomic(os.path.join(args.out, RUN_INFO_NAME), json.dumps(info, indent=1, default=str))
 
 

@@ -265,7 +265,7 @@ def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: t
         "unet_calls_total": calls,
         "unet_calls_per_chunk": calls_per_chunk,
         "unet_calls_per_frame": calls / frames,
-        "image_evaluations_per_frame": calls * stats.unet_batch / frames,
+        "image_evaluations_per_frame": stats.image_evaluations / frames,
         "seconds_per_frame": sample_med / frames,
         "sample_seconds_median": sample_med,
         "sample_seconds_all": sample_times,

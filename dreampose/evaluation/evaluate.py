@@ -353,7 +353,8 @@ def generate(model, key_u8: torch.Tensor, uv: torch.Tensor, settings: EvalSettin
     indices = window_indices(uv.shape[0], offsets)   # the table the pose windows were built from
     ran = {"pose_offsets": list(offsets),
            "pose_window_all_centre": bool((indices == torch.arange(uv.shape[0]).unsqueeze(1)).all()),
-           "unet_calls": stats.unet_calls, "sampled_size": [width, height]}
+           "unet_calls": stats.unet_calls, "image_evaluations": stats.image_evaluations,
+           "sampled_size": [width, height]}
     return frames, ran
 
 

@@ -54,6 +54,7 @@ class SampleStats:
     """What a run did, for summaries, benchmarks and tests (seconds are wall-clock, not synchronised)."""
 
     unet_calls: int = 0
+    image_evaluations: int = 0                # UNet evaluations of one frame: 3 per guided step, 1 outside
     frames: int = 0
     unet_batch: int = 0
     init_latents: torch.Tensor | None = None  # the x_T the run started from (to save and replay it)
@@ -170,7 +171,7 @@ def denoise(model, cond: ImageCondition, poses: PoseWindows, options: SamplingOp
     for first in range(0, total, per_call):
         frames = slice(first, min(first + per_call, total))
         denoiser = DualCFGDenoiser(model.unet, cond_dev.cond, cond_dev.uncond, poses.windows(frames).to(device),
-                                   options.s_image, options.s_pose)
+                                   options.s_image, options.s_pose, (options.guidance_start, options.guidance_end))
         chunk_sched = make_scheduler(options.sampler, model.scheduler_config)
         chunk_sched.set_timesteps(options.steps, device=device)
         if x_start.shape[0] == 1:
@@ -186,7 +187,8 @@ def denoise(model, cond: ImageCondition, poses: PoseWindows, options: SamplingOp
                 callback(done, steps_total, x)
         if stats is not None:
             stats.unet_calls += denoiser.calls
-            stats.unet_batch = max(stats.unet_batch, 3 * denoiser.frames)
+            stats.image_evaluations += denoiser.evaluations
+            stats.unet_batch = max(stats.unet_batch, len(denoiser.branches) * denoiser.frames)
             stats.sample_s += time.perf_counter() - t0
         del denoiser, chunk_sched
         yield frames, x

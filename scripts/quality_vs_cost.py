@@ -1,0 +1,96 @@
+"""Quality against cost on the synthetic test split with the shipped demo model (docs/benchmarks.md).
+
+    .venv/bin/python scripts/quality_vs_cost.py --out out/quality            # every row, no finetune
+    .venv/bin/python scripts/quality_vs_cost.py --out out/quality_ft --finetune --rows core
+
+Writes ``sweep.json`` (every run) and ``table.md`` (mean ± sd over seeds) to ``--out`` and prints the table.
+Rows: the samplers × steps of the table, guidance limited to an interval of the schedule, and sensitivity
+rows that must come out worse. ``--rows`` picks a named subset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from dreampose.demo.model import demo_scene, load_demo_model  # noqa: E402
+from dreampose.evaluation.sweep import Finetune, Scene, SweepRow, markdown_table, run_sweep, summarise  # noqa: E402
+from dreampose.files.atomic import write_text_atomic  # noqa: E402
+from dreampose.settings import DEMO_SAMPLING, SAMPLERS  # noqa: E402
+
+REFERENCE = "pndm 100"
+ROWS = [
+    SweepRow("pndm 100", "pndm", 100),
+    SweepRow("pndm 25", "pndm", 25),
+    SweepRow("ddim 20", "ddim", 20),
+    SweepRow("ddim 10", "ddim", 10),
+    SweepRow("ddim 5", "ddim", 5),
+    SweepRow("dpmpp_2m 10", "dpmpp_2m", 10),
+    SweepRow("dpmpp_2m 6", "dpmpp_2m", 6),
+    SweepRow("dpmpp_2m 4", "dpmpp_2m", 4),
+    SweepRow("unipc 10", "unipc", 10),
+    SweepRow("unipc 6", "unipc", 6),
+    SweepRow("unipc 4", "unipc", 4),
+    SweepRow("ddim 10, guided 0-0.5", "ddim", 10, guidance_end=0.5),
+    SweepRow("ddim 10, guided 0.3-1", "ddim", 10, guidance_start=0.3),
+    SweepRow("dpmpp_2m 6, guided 0-0.5", "dpmpp_2m", 6, guidance_end=0.5),
+    SweepRow("dpmpp_2m 6, guided 0.3-1", "dpmpp_2m", 6, guidance_start=0.3),
+    SweepRow("unipc 6, guided 0.3-1", "unipc", 6, guidance_start=0.3),
+    SweepRow("dpmpp_2m 4, guided 0.3-1", "dpmpp_2m", 4, guidance_start=0.3),
+    SweepRow("ddim 2", "ddim", 2, sensitivity=True),
+    SweepRow("ddim 1", "ddim", 1, sensitivity=True),
+    SweepRow("ddim 20, no guidance", "ddim", 20, s_image=1.0, s_pose=1.0, sensitivity=True),
+]
+SUBSETS = {"all": [r.name for r in ROWS],
+           "core": ["pndm 100", "ddim 20", "ddim 10", "dpmpp_2m 6", "unipc 6", "dpmpp_2m 6, guided 0-0.5",
+                    "dpmpp_2m 6, guided 0.3-1", "ddim 1", "ddim 20, no guidance"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for sweep.json and table.md")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--subjects", type=int, default=4, help="test-split subjects (videos)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--rows", choices=sorted(SUBSETS), default="all")
+    p.add_argument("--finetune", action="store_true", help="the demo's subject finetune (100 + 100 steps, lr 1e-4)")
+    p.add_argument("--finetune-steps", type=int, nargs=2, default=[100, 100], metavar=("UNET", "VAE"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="replace sweep.json / table.md from an earlier run")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = [os.path.join(args.out, n) for n in ("sweep.json", "table.md")]
+    if not args.force and any(os.path.exists(x) for x in paths):
+        print(f"error: {args.out} already holds a sweep; pass --force to replace it", file=sys.stderr)
+        return 1
+    assert all(r.sampler in SAMPLERS for r in ROWS)
+    rows = [r for r in ROWS if r.name in SUBSETS[args.rows]]
+    scenes = []
+    for subject in range(args.subjects):
+        s = demo_scene(args.frames, subject, None, DEMO_SAMPLING.height, DEMO_SAMPLING.width)
+        scenes.append(Scene(f"test {subject} ({s['motion']})", s["key_frame"], s["key_uv"], s["uv"], s["truth"]))
+    model = load_demo_model().place(torch.device("cpu"), torch.float32)
+    finetune = Finetune(*args.finetune_steps, lr=1e-4, vae_lr=1e-4) if args.finetune else None
+    t0 = time.perf_counter()
+    result = run_sweep(model, scenes, rows, args.seeds, DEMO_SAMPLING, finetune=finetune,
+                       log=lambda m: print(m, flush=True))
+    result.update(wall_s=time.perf_counter() - t0, threads=torch.get_num_threads(), base=DEMO_SAMPLING.to_dict())
+    table = markdown_table(summarise(result), REFERENCE if any(r.name == REFERENCE for r in rows) else None)
+    os.makedirs(args.out, exist_ok=True)
+    write_text_atomic(paths[0], json.dumps(result, indent=1))
+    write_text_atomic(paths[1], table)
+    print(table)
+    print(f"{len(scenes)} videos × {args.frames} frames × {len(args.seeds)} seeds in {result['wall_s']:.0f} s; "
+          f"finetunes {result['finetune_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
