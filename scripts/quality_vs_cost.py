@@ -48,8 +48,8 @@ ROWS = [
     SweepRow("ddim 20, no guidance", "ddim", 20, s_image=1.0, s_pose=1.0, sensitivity=True),
 ]
 SUBSETS = {"all": [r.name for r in ROWS],
-           "core": ["pndm 100", "ddim 20", "ddim 10", "dpmpp_2m 6", "unipc 6", "dpmpp_2m 6, guided 0-0.5",
-                    "dpmpp_2m 6, guided 0.3-1", "ddim 1", "ddim 20, no guidance"]}
+           "core": ["pndm 100", "ddim 20", "dpmpp_2m 10", "dpmpp_2m 6", "dpmpp_2m 6, guided 0.3-1",
+                    "unipc 6, guided 0.3-1", "ddim 1", "ddim 20, no guidance"]}
 
 
 def main(argv=None) -> int:

@@ -195,7 +195,7 @@ def run(args) -> int:
             "channels start at zero and its adapter is fresh, so the frames will not follow the poses")
     err("loading weights …")
     t0 = time.perf_counter()
-    model = load_model(args).place(device, dtype)
+    model = load_model(args, dtype).place(device, dtype)   # read straight into dtype: no second copy
     load_s = time.perf_counter() - t0
     err(f"loaded in {load_s:.1f} s; conditioning convention {model.convention!r}")
 

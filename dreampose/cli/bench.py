@@ -54,7 +54,7 @@ def run(args) -> int:
                              f"{settings.frames_per_batch}")
     if real:
         err("loading weights …")
-        model = load_model(args)
+        model = load_model(args, dtype)   # straight into the benchmarked dtype
     else:
         model = tiny_dreampose(seed=settings.seed)
     log = None if args.quiet else (lambda m: err(f"bench: {m}"))

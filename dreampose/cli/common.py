@@ -361,11 +361,12 @@ def config_flags(args) -> tuple[dict | None, dict | None]:
     return unet_config, vae_config
 
 
-def load_model(args):
-    """The model the weight flags name (``--subject`` finetunes applied)."""
+def load_model(args, dtype=None):
+    """The model the weight flags name (``--subject`` finetunes applied), its UNet, adapter and VAE read
+    straight into ``dtype`` when given (:func:`~dreampose.loaders.load.load_dreampose`)."""
     from ..loaders.load import load_dreampose
 
     unet_config, vae_config = config_flags(args)
     return load_dreampose(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae,
                           adapter=args.adapter, convention=args.convention, unet_config=unet_config,
-                          vae_config=vae_config, subject=getattr(args, "subject", None))
+                          vae_config=vae_config, subject=getattr(args, "subject", None), dtype=dtype)

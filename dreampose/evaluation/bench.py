@@ -35,6 +35,7 @@ from ..errors import DreamPoseError
 from ..models.devices import dtype_name, synchronize
 from ..models.lora import lora_delta_of
 from ..pipeline.animate import prepare
+from ..pipeline.guidance import branch_weights
 from ..pipeline.sampling import SampleStats, decode, make_scheduler, sample
 from ..settings import (BENCH_FINETUNE_MODES, UNET_IN_CHANNELS, BenchSettings, FinetuneSettings, SamplingOptions,
                         check_output_size, vae_settings)
@@ -152,6 +153,40 @@ def _peak_memory(device: torch.device) -> dict:
             "peak_memory_kind": "process peak RSS (getrusage), whole process including imports"}
 
 
+def _resident_bytes() -> int | None:
+    """The process's resident set now (Linux /proc), or None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _weights_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for m in (model.unet, model.adapter, model.vae, model.clip)
+               for t in [*m.parameters(), *m.buffers()])
+
+
+def _load_memory(model, device: torch.device) -> dict:
+    """Memory once the model is loaded and placed, before any sampling: the peak so far (CUDA: allocated on
+    the device; CPU: the process's peak RSS) and the weights' own size in their dtypes."""
+    weights = _weights_bytes(model)
+    out = {"weights_mib": round(weights / 2**20, 1)}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        out.update(load_peak_memory_mib=round(peak / 2**20, 1), load_peak_memory_kind="cuda max_memory_allocated")
+    else:
+        peak = _peak_memory(device)["peak_memory_bytes"]
+        resident = _resident_bytes()
+        out.update(load_peak_memory_mib=None if peak is None else round(peak / 2**20, 1),
+                   load_peak_memory_kind="process peak RSS after loading (memory-mapped weights count once read)",
+                   resident_after_load_mib=None if resident is None else round(resident / 2**20, 1))
+    return out
+
+
 def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: torch.dtype = torch.float32,
               frames: int = BenchSettings.frames, repeats: int = BenchSettings.repeats,
               forward_repeats: int = BenchSettings.forward_repeats, warmup: bool = True, log=None) -> dict:
@@ -174,6 +209,7 @@ def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: t
                              f"({frames_per_batch}), so every chunk has the same UNet batch")
     say = log or (lambda msg: None)
     model.place(device, dtype)
+    load_memory = _load_memory(model, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     counters = _Counters(model, device)
@@ -196,9 +232,10 @@ def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: t
         n = frames_per_batch
         h, w = height // 8, width // 8
         gen = torch.Generator().manual_seed(options.seed + 1)
-        model_in = torch.randn(3 * n, UNET_IN_CHANNELS, h, w, generator=gen).to(device, dtype)
+        branches = sum(w != 0 for w in branch_weights(options.s_image, options.s_pose))   # as the denoiser batches
+        model_in = torch.randn(branches * n, UNET_IN_CHANNELS, h, w, generator=gen).to(device, dtype)
         hidden = torch.cat([cond.uncond.expand(n, -1, -1), cond.cond.expand(n, -1, -1),
-                            cond.cond.expand(n, -1, -1)]).to(device, dtype)
+                            cond.cond.expand(n, -1, -1)])[:branches * n].to(device, dtype)
         t_first = scheduler.timesteps[0]
 
         @torch.no_grad()
@@ -291,6 +328,9 @@ def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: t
         "load_average": _load_average(),
     }
     result.update(memory)
+    result.update(load_memory)
+    if memory.get("peak_memory_bytes") is not None:
+        result["peak_over_weights"] = round(memory["peak_memory_bytes"] / 2**20 / load_memory["weights_mib"], 3)
     return result
 
 

@@ -240,7 +240,8 @@ def load_model(bundle: str, *, clip: str | None, base: str | None = None, vae: s
     optional here alone.
     """
     meta = check_bundle(bundle, clip=clip)
-    model = load_dreampose(clip=clip, dreampose=bundle, base=base, vae=vae)
+    model = load_dreampose(clip=clip, dreampose=bundle, base=base, vae=vae,
+                           dtype=(dtype or torch.float32) if device is not None else None)
     if device is not None:
         model.place(device, dtype or torch.float32)
     return model, meta

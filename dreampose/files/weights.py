@@ -13,10 +13,14 @@ before any weights are loaded. Every failure to read a file is a DreamPoseError 
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
 import pickle
 import re
+import sys
 import zipfile
 
 import torch
@@ -89,14 +93,132 @@ def _unwrap(data, path: str) -> dict[str, torch.Tensor]:
     return data
 
 
-def read_state_dict(path: str, what: str = "weights file") -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors or (weights-only) pickle file; ldm ``state_dict`` wrappers unwrapped."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+_MAX_HEADER = 100 * 2**20
+
+
+def _wanted(key: str, prefixes) -> bool:
+    return prefixes is None or key.startswith(tuple(prefixes))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """Floating tensors in ``dtype`` (None: as stored); integer and bool tensors as stored."""
+    return t.to(dtype) if dtype is not None and t.is_floating_point() and t.dtype != dtype else t
+
+
+def _safetensors_header(path: str) -> tuple[int, dict] | None:
+    """(where the data starts, the tensor entries) of a safetensors file, or None for a header this reader
+    does not handle (the safetensors library then reports or reads it)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(_MAX_HEADER, size - 8):
+            return None
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return None
+    if not isinstance(header, dict):
+        return None
+    header.pop("__metadata__", None)
+    if not all(isinstance(e, dict) and e.get("dtype") in _SAFETENSORS_DTYPES for e in header.values()):
+        return None
+    return 8 + n, header
+
+
+def _stream_safetensors(path: str, start: int, entries: dict, dtype) -> dict[str, torch.Tensor]:
+    """``entries`` of a safetensors file read one at a time with plain file reads, each cast on arrival: what
+    is resident is what is kept (in ``dtype``) plus the tensor being read, never the whole file as well."""
+    size = os.path.getsize(path)
+    out = {}
+    with open(path, "rb") as f:
+        for key, entry in sorted(entries.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            file_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            numel = 1
+            for d in shape:
+                numel *= d
+            if end - begin != numel * torch.empty((), dtype=file_dtype).element_size() or start + end > size:
+                raise DreamPoseError(f"{path}: tensor {key!r} lies outside the file or has the wrong byte size; "
+                                     "the file is truncated or corrupt: fetch it again")
+            buf = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise DreamPoseError(f"{path}: the file ends inside tensor {key!r}; it is truncated: fetch it again")
+            t = torch.frombuffer(buf, dtype=file_dtype) if buf else torch.empty(0, dtype=file_dtype)
+            out[key] = _cast(t.reshape(shape), dtype)
+    return out
+
+
+def _read_safetensors(path: str, prefixes, dtype) -> dict[str, torch.Tensor]:
+    """Memory-mapped (the library's zero-copy tensors: pages are read when used, and are the page cache's)
+    when no tensor needs a cast; streamed and cast tensor by tensor when some do."""
+    parsed = _safetensors_header(path)
+    if parsed is not None and dtype is not None:
+        start, header = parsed
+        wanted = {k: e for k, e in header.items() if _wanted(k, prefixes)}
+        floats = [e for e in wanted.values() if _SAFETENSORS_DTYPES[e["dtype"]].is_floating_point]
+        if any(_SAFETENSORS_DTYPES[e["dtype"]] != dtype for e in floats):
+            return _stream_safetensors(path, start, wanted, dtype)
+    with _open_safetensors(path) as f:
+        return {k: _cast(f.get_tensor(k), dtype) for k in f.keys() if _wanted(k, prefixes)}
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop the resident pages of a memory-mapped tensor once it has been copied (Linux ``madvise``).
+
+    The mapping is private and never written, so the pages are the file's: dropping them loses nothing, and
+    a later read would fault them back in. Elsewhere, or if the call fails, nothing happens.
+    """
+    if not sys.platform.startswith("linux") or t.numel() == 0:
+        return
+    try:
+        page = mmap.PAGESIZE
+        lo = -(-t.data_ptr() // page) * page
+        hi = ((t.data_ptr() + t.numel() * t.element_size()) // page) * page
+        if hi > lo:
+            _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)   # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def read_state_dict(path: str, what: str = "weights file", *, prefixes: tuple[str, ...] | None = None,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors or (weights-only) pickle file; ldm ``state_dict`` wrappers unwrapped.
+
+    Args:
+        prefixes: read only the tensors whose names start with one of these (the UNet of a single-file
+            checkpoint, say); the others are never read.
+        dtype: floating tensors are cast to this dtype as each arrives, so a half-precision file loaded for
+            fp32 (or the other way round) never holds both copies of the whole model at once.
+    """
     require_path(path, what, file=True)
     _check_suffix(path)
     if is_safetensors(path):
-        with _open_safetensors(path) as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    return _unwrap(_torch_load(path), path)
+        return _read_safetensors(path, prefixes, dtype)
+    if dtype is None and prefixes is None:
+        return _unwrap(_torch_load(path), path)
+    # memory-mapped: a tensor kept as stored stays a view of the file (read when used, as safetensors are);
+    # one that is cast is read once, and its pages are dropped again after the cast
+    state = _unwrap(_torch_load(path, mmap=zipfile.is_zipfile(path)), path)
+    out = {}
+    for key in list(state):
+        t = state.pop(key)
+        if not _wanted(key, prefixes):
+            continue
+        out[key] = _cast(t, dtype)
+        if out[key] is not t:
+            _release_pages(t)
+    return out
 
 
 def peek_keys(path: str) -> list[str] | None:

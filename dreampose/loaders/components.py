@@ -29,8 +29,8 @@ from ..configs import clean_config, shipped_config
 from ..errors import DreamPoseError
 from ..files.paths import read_json_config as read_config
 from ..files.paths import require_path
-from ..files.weights import (KIND_NAMES, guess_kind, modernise_vae_keys, normalise_clip_keys, read_state_dict,
-                             strip_module_prefix)
+from ..files.weights import (KIND_NAMES, guess_kind, modernise_vae_keys, normalise_clip_keys, peek_keys,
+                             read_state_dict, strip_module_prefix)
 from ..models.adapter import EmbeddingAdapter
 from ..models.unet import unet_config_with_pose
 
@@ -156,14 +156,22 @@ def _subfolder(path: str, sub: str, class_name: str) -> str:
                          "single .safetensors checkpoint")
 
 
-def _from_folder(path: str, sub: str, class_name: str, config: dict | None) -> tuple[dict, dict]:
+def _from_folder(path: str, sub: str, class_name: str, config: dict | None,
+                 dtype: torch.dtype | None = None) -> tuple[dict, dict]:
     """(config, state dict) of a diffusers component: ``path/sub`` of a pipeline folder, or ``path`` itself."""
     folder = _subfolder(path, sub, class_name)
     return (clean_config(config or read_config(os.path.join(folder, "config.json"))),
-            read_state_dict(_folder_weights(folder)))
+            read_state_dict(_folder_weights(folder), dtype=dtype))
 
 
-def load_base_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
+def _only(path: str, prefix: str) -> tuple[str, ...] | None:
+    """``(prefix,)`` when ``path`` is a single-file checkpoint holding more than that part (read only it)."""
+    keys = peek_keys(path)
+    return (prefix,) if keys and any(k.startswith(prefix) for k in keys) and \
+        not all(k.startswith(prefix) for k in keys) else None
+
+
+def load_base_unet(path: str, config: dict | None = None, dtype: torch.dtype | None = None) -> UNet2DConditionModel:
     """The SD 1.x UNet (4 input channels) from a diffusers folder or an ldm single file.
 
     Args:
@@ -171,16 +179,18 @@ def load_base_unet(path: str, config: dict | None = None) -> UNet2DConditionMode
             checkpoint (its ``model.diffusion_model.*`` weights).
         config: a UNet config to build from instead of the folder's ``config.json`` (for a single file: the
             shipped ``sd15_unet``).
+        dtype: the floating dtype to load into, tensor by tensor (None: the file's).
 
     Returns:
-        A ``UNet2DConditionModel`` in eval mode without gradients, in the file's dtype.
+        A ``UNet2DConditionModel`` in eval mode without gradients, in ``dtype`` (or the file's).
     """
     require_path(path, "Stable Diffusion 1.x model")
     if os.path.isdir(path):
-        config, state = _from_folder(path, "unet", "UNet2DConditionModel", config)
+        config, state = _from_folder(path, "unet", "UNet2DConditionModel", config, dtype)
     else:
         config = clean_config(config or shipped_config("sd15_unet"))
-        raw = read_state_dict(path, "Stable Diffusion 1.x checkpoint")
+        raw = read_state_dict(path, "Stable Diffusion 1.x checkpoint", prefixes=_only(path, "model.diffusion_model."),
+                              dtype=dtype)
         if not any(k.startswith("model.diffusion_model.") for k in raw):
             raise DreamPoseError(f"{path}: no 'model.diffusion_model.*' weights; this is not a full Stable "
                                  f"Diffusion 1.x checkpoint, it looks like {looks_like(raw)}")
@@ -192,7 +202,7 @@ def _is_diffusers_vae(state: dict) -> bool:
     return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in state)
 
 
-def load_vae(path: str, config: dict | None = None) -> AutoencoderKL:
+def load_vae(path: str, config: dict | None = None, dtype: torch.dtype | None = None) -> AutoencoderKL:
     """SD 1.x VAE from a diffusers folder, an ldm checkpoint/VAE file, or a diffusers-keyed state dict.
 
     A diffusers-keyed file is e.g. the authors' ``vae_N.pth``: a leading ``module.`` and the old attention names
@@ -202,16 +212,18 @@ def load_vae(path: str, config: dict | None = None) -> AutoencoderKL:
         path: a diffusers pipeline folder (its ``vae/``), a VAE folder, or one file.
         config: a VAE config to build from instead of the folder's ``config.json`` (for a single file: the
             shipped ``sd15_vae``).
+        dtype: the floating dtype to load into, tensor by tensor (None: the file's).
 
     Returns:
-        An ``AutoencoderKL`` in eval mode without gradients, in the file's dtype.
+        An ``AutoencoderKL`` in eval mode without gradients, in ``dtype`` (or the file's).
     """
     require_path(path, "VAE")
     if os.path.isdir(path):
-        config, state = _from_folder(path, "vae", "AutoencoderKL", config)
+        config, state = _from_folder(path, "vae", "AutoencoderKL", config, dtype)
     else:
         config = clean_config(config or shipped_config("sd15_vae"))
-        raw = strip_module_prefix(read_state_dict(path, "VAE file"))
+        raw = strip_module_prefix(read_state_dict(path, "VAE file", prefixes=_only(path, "first_stage_model."),
+                                                  dtype=dtype))
         if guess_kind(raw) not in ("vae", "sd_checkpoint", "unknown"):
             raise DreamPoseError(f"{path}: not a VAE, it looks like {looks_like(raw)}")
         state = raw if _is_diffusers_vae(raw) else convert_ldm_vae_checkpoint(raw, config)
@@ -277,7 +289,8 @@ def load_adapter_state(state: dict[str, torch.Tensor], source: str) -> Embedding
                        state, "DreamPose embedding adapter", source)
 
 
-def load_authors_unet(path: str, config: dict | None = None) -> UNet2DConditionModel:
+def load_authors_unet(path: str, config: dict | None = None, dtype: torch.dtype | None = None
+                      ) -> UNet2DConditionModel:
     """``unet_epoch_N.pth``: full 14-channel UNet state dict (``module.`` prefix optional).
 
     Args:
@@ -285,10 +298,12 @@ def load_authors_unet(path: str, config: dict | None = None) -> UNet2DConditionM
         config: an SD 1.x UNet config to build from instead of the shipped ``sd15_unet``; either is widened to 14
             input channels (their saved configs say 4: docs/official-code.md, quirk #3).
 
+        dtype: the floating dtype to load into, tensor by tensor (None: the file's).
+
     Returns:
-        The 14-channel ``UNet2DConditionModel`` in eval mode without gradients, in the file's dtype.
+        The 14-channel ``UNet2DConditionModel`` in eval mode without gradients, in ``dtype`` (or the file's).
     """
-    state = strip_module_prefix(read_state_dict(path, "DreamPose UNet file"))
+    state = strip_module_prefix(read_state_dict(path, "DreamPose UNet file", dtype=dtype))
     if "conv_in.weight" not in state:
         raise DreamPoseError(f"{path}: not the authors' UNet state dict (no conv_in.weight), it looks like "
                              f"{looks_like(state)}")

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 
+import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPVisionModel
 
@@ -116,7 +117,7 @@ def _check_role(path: str | None, role: str) -> None:
     raise DreamPoseError(f"{path}: given as the {role}, but it looks like {looks_like(keys)}")
 
 
-def load_dreampose_file(path: str, unet_config: dict | None = None):
+def load_dreampose_file(path: str, unet_config: dict | None = None, dtype: torch.dtype | None = None):
     """Our format → ``(unet, adapter, vae or None, metadata)``.
 
     Args:
@@ -124,9 +125,11 @@ def load_dreampose_file(path: str, unet_config: dict | None = None):
         unet_config: a UNet config to build from instead of the file's ``unet_config`` (or, without one, the
             shipped ``sd15_unet``); either is widened to the 14 input channels. The VAE is built from the file's
             ``vae_config`` (or the shipped ``sd15_vae``).
+        dtype: the floating dtype to load into, tensor by tensor (None: the file's).
 
     Returns:
-        ``(unet, adapter, vae, metadata)``: the networks in eval mode without gradients, in the file's dtype;
+        ``(unet, adapter, vae, metadata)``: the networks in eval mode without gradients, in ``dtype`` (or the
+        file's);
         ``vae`` is ``None`` when the file has no ``vae.*`` tensors; ``metadata`` is the header's dict of strings.
 
     Raises:
@@ -141,7 +144,7 @@ def load_dreampose_file(path: str, unet_config: dict | None = None):
     ucfg = unet_config_with_pose(unet_config or metadata_json(meta, "unet_config", path) or shipped_config("sd15_unet"))
     vcfg = metadata_json(meta, "vae_config", path) or shipped_config("sd15_vae")
     vcfg = clean_config(vcfg)
-    state = read_state_dict(path)
+    state = read_state_dict(path, prefixes=("unet.", "adapter.", "vae."), dtype=dtype)   # not an embedded CLIP
     unet = instantiate(lambda: UNet2DConditionModel.from_config(ucfg), split_prefix(state, "unet."),
                        "14-channel DreamPose UNet", path)
     adapter = load_adapter_state(split_prefix(state, "adapter."), path)
@@ -245,11 +248,15 @@ def _base_config(base: str | None, part: str) -> dict | None:
     return read_config(path) if path and os.path.isfile(path) else None
 
 
+def _cast_module(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    return module if dtype is None else module.to(dtype)
+
+
 def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, base: str | None = None,
                    vae: str | None = None,
                    adapter: str | None = None, convention: str | None = None, unet_config: dict | None = None,
                    vae_config: dict | None = None, clip_config: dict | None = None,
-                   subject=None) -> DreamPoseModel:
+                   subject=None, dtype: torch.dtype | None = None) -> DreamPoseModel:
     """Assemble a DreamPose model.
 
     Every path is checked to exist and to fit its role first, from file headers only, so a wrong file is
@@ -273,6 +280,9 @@ def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, bas
             our file are built from its metadata).
         subject: one or more saved subject finetunes (full or LoRA UNet+adapter, VAE decoder), applied in order on
             top (:func:`~dreampose.loaders.subject_file.apply_subject`).
+        dtype: load the UNet, adapter and VAE straight into this floating dtype, tensor by tensor, so memory
+            peaks near the weights' size in it (None: each file's own dtype; ``place`` can convert later).
+            CLIP keeps its file's dtype.
 
     Returns:
         A :class:`~dreampose.models.bundle.DreamPoseModel` whose parts are checked to fit each other. Scheduler: the
@@ -291,24 +301,24 @@ def load_dreampose(*, clip: str | None = None, dreampose: str | None = None, bas
     clip_model = load_clip_vision(clip, clip_config) if clip else load_bundle_clip(dreampose)
     file_vae, file_scheduler = None, None
     if ours:
-        unet, ad, file_vae, meta = load_dreampose_file(dreampose, unet_config)
+        unet, ad, file_vae, meta = load_dreampose_file(dreampose, unet_config, dtype)
         conv = convention or meta.get("convention", "standard")
         file_scheduler = metadata_json(meta, "scheduler_config", dreampose)
         info.update({k: meta[k] for k in ("finetuned", "base_model", "subject", "source") if k in meta})
     elif dreampose:      # the authors' files carry no config: the base folder's, else SD 1.x's
-        unet = load_authors_unet(dreampose, unet_config or _base_config(base, "unet"))
-        ad = load_authors_adapter(adapter)
+        unet = load_authors_unet(dreampose, unet_config or _base_config(base, "unet"), dtype)
+        ad = _cast_module(load_authors_adapter(adapter), dtype)
         conv = convention or "official"
     else:
-        unet = expand_conv_in(load_base_unet(base, unet_config))
-        ad = fresh_adapter(clip_model)
+        unet = expand_conv_in(load_base_unet(base, unet_config, dtype), copy=False)   # our own module: no copy
+        ad = _cast_module(fresh_adapter(clip_model), dtype)
         conv = convention or "standard"
     check_convention(conv)
     if vae:
         single_file = not os.path.isdir(vae)
-        vae_model = load_vae(vae, vae_config or (_base_config(base, "vae") if single_file else None))
+        vae_model = load_vae(vae, vae_config or (_base_config(base, "vae") if single_file else None), dtype)
     else:
-        vae_model = file_vae if file_vae is not None else load_vae(base, vae_config)
+        vae_model = file_vae if file_vae is not None else load_vae(base, vae_config, dtype)
     scheduler_config = file_scheduler or _base_scheduler_config(base) or default_scheduler_config()
     model = DreamPoseModel(unet, ad, vae_model, clip_model, conv, scheduler_config, info)
     model.check_compatible()

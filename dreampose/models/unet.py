@@ -8,7 +8,7 @@ too; both are fixed here: docs/official-code.md, quirks #1 and #2.)
 """
 from __future__ import annotations
 
-import copy
+from copy import deepcopy
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -25,12 +25,13 @@ def unet_config_with_pose(config: dict) -> dict:
     return config
 
 
-def expand_conv_in(base: UNet2DConditionModel) -> UNet2DConditionModel:
-    """Return a copy of ``base`` whose ``conv_in`` also takes the 10 pose channels, zero-initialised."""
+def expand_conv_in(base: UNet2DConditionModel, copy: bool = True) -> UNet2DConditionModel:
+    """``base`` with a ``conv_in`` that also takes the 10 pose channels, zero-initialised: a copy, or with
+    ``copy=False`` ``base`` itself changed (no second UNet in memory, for a base loaded only to be widened)."""
     old = base.conv_in
     if old.in_channels != LATENT_CHANNELS:
         raise ValueError(f"expected a base UNet with {LATENT_CHANNELS} input channels, got {old.in_channels}")
-    unet = copy.deepcopy(base)
+    unet = deepcopy(base) if copy else base
     new = nn.Conv2d(UNET_IN_CHANNELS, old.out_channels, kernel_size=old.kernel_size,
                     stride=old.stride, padding=old.padding, device=old.weight.device, dtype=old.weight.dtype)
     with torch.no_grad():
