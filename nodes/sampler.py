@@ -21,14 +21,17 @@ from comfy_api.latest import io
 
 from ..dreampose.pipeline.conditioning import check_condition_fits, check_condition_source
 from ..dreampose.pipeline.sampling import compose_start, make_scheduler, start_components, stretch_frames
-from ..dreampose.settings import PAPER_SAMPLING, SAMPLERS, START_MODES, STRETCH_MODES, VAE_SCALE, SamplingOptions
+from ..dreampose.settings import (DEFAULT_SAMPLING, SAMPLERS, SAMPLING_PRESETS, START_MODES, STRETCH_MODES,
+                                  VAE_SCALE, SamplingOptions)
 from . import core_sampling as cs
 from . import preview
 from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_core_unet, require_model, \
     require_windows
 
-DEFAULTS = PAPER_SAMPLING   # the authors' settings
+DEFAULTS = DEFAULT_SAMPLING   # dpmpp_2m, 10 steps (docs/benchmarks.md); preset "paper" is the authors'
 AS_SAMPLER = "as sampler"   # core_sampler: the library's scheduler named by `sampler`
+WIDGETS = "widgets"         # preset: the widgets' own values
+PRESET_FIELDS = ("s_image", "s_pose", "steps", "sampler", "guidance_start", "guidance_end")
 
 
 class DualCFGSampler(io.ComfyNode):
@@ -86,6 +89,11 @@ class DualCFGSampler(io.ComfyNode):
                                optional=True,
                                tooltip="Guide only up to this fraction of the schedule (1: to the last step). "
                                        "0 and 1: guidance at every step, as the paper."),
+                io.Combo.Input("preset", options=[WIDGETS, *SAMPLING_PRESETS], default=WIDGETS, optional=True,
+                               tooltip="widgets: the values above. default: dpmpp_2m 10 steps (30 UNet evaluations "
+                                       "per frame); fast: 6 steps, guidance from 0.3 of the schedule on (14); paper: "
+                                       "the authors' pndm 100 steps (303). A preset sets s_image, s_pose, steps, "
+                                       "sampler and the guidance interval."),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
@@ -100,7 +108,10 @@ class DualCFGSampler(io.ComfyNode):
     def execute(cls, model, cond, poses, s_image: float, s_pose: float, steps: int, sampler: str, seed: int,
                 frames_per_batch: int, start: str, stretch: str, core_sampler: str = AS_SAMPLER,
                 scheduler: str = "normal", core_model=None, guidance_start: float = DEFAULTS.guidance_start,
-                guidance_end: float = DEFAULTS.guidance_end) -> io.NodeOutput:
+                guidance_end: float = DEFAULTS.guidance_end, preset: str = WIDGETS) -> io.NodeOutput:
+        if preset != WIDGETS:
+            chosen = SAMPLING_PRESETS[preset]
+            s_image, s_pose, steps, sampler, guidance_start, guidance_end = (getattr(chosen, f) for f in PRESET_FIELDS)
         model = require_model(model)
         windows = require_windows(poses)
         cond = check_condition_fits(cond, model.cross_attention_dim, model.convention)

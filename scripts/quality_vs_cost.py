@@ -3,6 +3,9 @@
     .venv/bin/python scripts/quality_vs_cost.py --out out/quality            # every row, no finetune
     .venv/bin/python scripts/quality_vs_cost.py --out out/quality_ft --finetune --rows core
 
+``--record docs/quality_vs_cost.json`` also keeps the result there (under ``no_finetune`` / ``finetune``): the
+test of the sampling presets checks them against it.
+
 Writes ``sweep.json`` (every run) and ``table.md`` (mean ± sd over seeds) to ``--out`` and prints the table.
 Rows: the samplers × steps of the table, guidance limited to an interval of the schedule, and sensitivity
 rows that must come out worse. ``--rows`` picks a named subset.
@@ -63,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, nargs=2, default=[100, 100], metavar=("UNET", "VAE"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace sweep.json / table.md from an earlier run")
+    p.add_argument("--record", metavar="JSON", help="also store the result in this file under 'finetune' or "
+                                                    "'no_finetune' (docs/quality_vs_cost.json: the presets' test reads it)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +91,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(paths[0], json.dumps(result, indent=1))
     write_text_atomic(paths[1], table)
+    if args.record:
+        recorded = json.load(open(args.record)) if os.path.exists(args.record) else {}
+        recorded["finetune" if args.finetune else "no_finetune"] = result
+        write_text_atomic(args.record, json.dumps(recorded, indent=1) + "\n")
     print(table)
     print(f"{len(scenes)} videos × {args.frames} frames × {len(args.seeds)} seeds in {result['wall_s']:.0f} s; "
           f"finetunes {result['finetune_s']:.0f} s")

@@ -22,6 +22,7 @@ from dreampose.cli import main as cli
 from dreampose.cli.animate import INIT_LATENTS_NAME, LATENTS_NAME, VIDEO_NAME
 from dreampose.cli.common import RUN_INFO_NAME
 from dreampose.pipeline.video import save_png_frames, save_video, write_mp4
+from dreampose.settings import DEFAULT_SAMPLING
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W, H, FRAMES, STEPS, FPB = 128, 192, 3, 3, 2
@@ -109,7 +110,9 @@ def test_animate_writes_frames_video_and_latents(run_a):
     assert final_latents(run_a).shape == (FRAMES, 4, H // 8, W // 8)
     assert load_file(os.path.join(run_a, INIT_LATENTS_NAME))["latents"].shape == (FRAMES, 4, H // 8, W // 8)
     info = json.load(open(os.path.join(run_a, RUN_INFO_NAME)))
-    assert info["unet_calls"] == (STEPS + 1) * 2  # PNDM: steps+1 calls per chunk, 3 frames in chunks of 2
+    assert info["unet_calls"] == STEPS * 2   # default dpmpp_2m: one call per step per chunk, 3 frames in chunks of 2
+    assert info["image_evaluations"] == STEPS * 3 * FRAMES     # s_I 8, s_p 3: three branches every step
+    assert info["sampling"]["sampler"] == DEFAULT_SAMPLING.sampler
     assert info["convention"] == "standard"       # taken from the file's metadata
 
 
@@ -119,8 +122,6 @@ def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tin
     from dreampose.loaders.load import load_dreampose
     from dreampose.pipeline.poses import load_uv_folder, make_pose_windows
     from dreampose.pipeline.sampling import sample
-    from dreampose.settings import SamplingOptions
-
     model = load_dreampose(clip=tiny_clip_folder, dreampose=tiny_dreampose_file)
     g = torch.Generator().manual_seed(1)
     image = torch.from_numpy(np.asarray(Image.open(inputs["image"]).convert("RGB")).copy()).permute(2, 0, 1)
@@ -129,8 +130,8 @@ def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tin
     try:
         cond = encode_image_condition(model, image, generator=g)
         poses = make_pose_windows(load_uv_folder(inputs["poses"]), H, W)
-        want = sample(model, cond, poses, SamplingOptions(width=W, height=H, steps=STEPS, frames_per_batch=FPB),
-                      generator=g)
+        want = sample(model, cond, poses, DEFAULT_SAMPLING.replace(width=W, height=H, steps=STEPS,
+                                                                   frames_per_batch=FPB), generator=g)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(final_latents(run_a), want)

@@ -36,7 +36,8 @@ INPUT_ORDER = {
     "DreamPoseLoadUV": ["folder", "start", "count"],
     "DensePoseWindow5": ["uv", "width", "height", "first_frame", "frame_count"],
     "DualCFGSampler": ["model", "cond", "poses", "s_image", "s_pose", "steps", "sampler", "seed",
-                       "frames_per_batch", "start", "stretch", "core_sampler", "scheduler", "core_model"],
+                       "frames_per_batch", "start", "stretch", "core_sampler", "scheduler", "core_model",
+                       "guidance_start", "guidance_end", "preset"],
     "DreamPoseApplyPose": ["image", "null", "poses", "start", "seed", "vae", "key_frame"],
 }
 OUTPUTS = {
@@ -118,10 +119,10 @@ def test_pack_imports_with_full_schema(main_run):
     oi = main_run.object_info
     object_info_checks(oi, INPUT_ORDER, OUTPUTS)
     sampler = oi["DualCFGSampler"]["input"]["required"]
-    assert sampler["sampler"][1]["options"] == list(SAMPLERS) and sampler["sampler"][1]["default"] == "pndm"
+    assert sampler["sampler"][1]["options"] == list(SAMPLERS) and sampler["sampler"][1]["default"] == "dpmpp_2m"
     assert sampler["start"][1]["options"] == list(START_MODES)
     assert sampler["stretch"][1]["options"] == list(STRETCH_MODES) and sampler["stretch"][1]["default"] == "none"
-    assert [sampler[k][1]["default"] for k in ("s_image", "s_pose", "steps", "frames_per_batch")] == [8.0, 3.0, 100, 4]
+    assert [sampler[k][1]["default"] for k in ("s_image", "s_pose", "steps", "frames_per_batch")] == [8.0, 3.0, 10, 4]
     window = oi["DensePoseWindow5"]["input"]["required"]
     assert (window["width"][1]["default"], window["height"][1]["default"], window["width"][1]["step"]) == (512, 640, 64)
 

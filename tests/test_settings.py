@@ -18,13 +18,27 @@ def parse(*argv):
     return build_parser().parse_args([str(a) for a in argv])
 
 
-@pytest.mark.parametrize("command, defaults", [("animate", S.PAPER_SAMPLING), ("demo", S.DEMO_SAMPLING)])
-def test_sampling_flags_default_to_the_settings(command, defaults):
-    extra = ["--image", "x.png", "--poses", "p", "--out", "o"] if command == "animate" else []
-    args = parse(command, *extra)
+def test_demo_sampling_flags_default_to_the_settings():
+    args = parse("demo")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(S.SamplingOptions)}
-    assert given == dataclasses.asdict(defaults)
-    assert args.fps == (S.ANIMATE_FPS if command == "animate" else S.DEMO_FPS)
+    assert given == dataclasses.asdict(S.DEMO_SAMPLING)
+    assert args.fps == S.DEMO_FPS
+
+
+@pytest.mark.parametrize("preset, flags, want", [
+    (None, [], S.DEFAULT_SAMPLING),
+    ("paper", [], S.PAPER_SAMPLING),
+    ("fast", [], S.FAST_SAMPLING),
+    ("paper", ["--steps", 7, "--s-image", 5], S.PAPER_SAMPLING.replace(steps=7, s_image=5.0)),
+    (None, ["--sampler", "unipc"], S.DEFAULT_SAMPLING.replace(sampler="unipc")),
+])
+def test_animate_takes_a_preset_and_the_flags_given_on_top(preset, flags, want):
+    from dreampose.cli.animate import sampling_options
+
+    argv = ["animate", "--image", "x.png", "--poses", "p", "--out", "o", *flags]
+    args = parse(*argv, *(["--preset", preset] if preset else []))
+    assert sampling_options(args, S.DEFAULT_SAMPLING) == want
+    assert args.fps == S.ANIMATE_FPS
 
 
 @pytest.mark.parametrize("command, kind", [("finetune-subject", "subject"), ("finetune-vae", "vae")])
@@ -102,7 +116,7 @@ def _defaults(node_info: dict) -> dict:
 
 
 def _options(node_info: dict, name: str) -> list:
-    spec = node_info["input"]["required"][name]
+    spec = {**node_info["input"]["required"], **node_info["input"].get("optional", {})}[name]
     return spec[1]["options"] if isinstance(spec[1], dict) and "options" in spec[1] else spec[0]
 
 
@@ -114,8 +128,10 @@ def test_node_defaults_and_choices_are_the_settings(tmp_path):
     proc = Env(tmp_path).run("settings", None, "--object-info", str(oi_path))
     assert proc.returncode == 0, log(proc)
     oi = json.loads(oi_path.read_text())
-    p = S.PAPER_SAMPLING
+    p = S.DEFAULT_SAMPLING
     sampler = _defaults(oi["DualCFGSampler"])
+    assert _options(oi["DualCFGSampler"], "preset") == ["widgets", *S.SAMPLING_PRESETS]
+    assert (sampler["guidance_start"], sampler["guidance_end"]) == (p.guidance_start, p.guidance_end)
     assert {k: sampler[k] for k in ("s_image", "s_pose", "steps", "sampler", "seed", "frames_per_batch", "start",
                                      "stretch")} == {k: getattr(p, k) for k in ("s_image", "s_pose", "steps",
                                                                                 "sampler", "seed", "frames_per_batch",

@@ -12,7 +12,7 @@ import re
 import time
 
 from ..errors import DreamPoseError
-from ..settings import ANIMATE_FPS, PAPER_SAMPLING, SamplingOptions
+from ..settings import ANIMATE_FPS, DEFAULT_SAMPLING, SAMPLING_PRESETS, SamplingOptions
 from .common import (RUN_INFO_NAME, StepBar, add_device_args, add_options, add_weight_args, check_run_folder,
                      check_paths, check_weights_given, err, frame_range, load_image, load_model, nonnegative_int,
                      options_from_args, positive_float, read_init_latents)
@@ -22,11 +22,17 @@ LATENTS_NAME = "latents.safetensors"
 INIT_LATENTS_NAME = "init_latents.safetensors"
 
 
-def add_sampling_args(p, defaults: SamplingOptions, fps: float) -> None:
-    """The sampling flags (from :class:`~dreampose.settings.SamplingOptions`), init latents and output."""
+def add_sampling_args(p, defaults: SamplingOptions, fps: float, presets: bool = False) -> None:
+    """The sampling flags (from :class:`~dreampose.settings.SamplingOptions`), init latents and output.
+    ``presets``: a ``--preset`` flag picks the base the other flags change (``sampling_options``)."""
     groups: dict = {}
-    add_options(p, SamplingOptions, defaults=defaults, groups=groups)
+    add_options(p, SamplingOptions, defaults=defaults, groups=groups, parse_defaults=not presets)
     g = groups["sampling"]
+    if presets:
+        g.add_argument("--preset", choices=sorted(SAMPLING_PRESETS), default="default",
+                       help="the settings the other sampling flags start from: default (dpmpp_2m, 10 steps: 30 "
+                            "image evaluations per frame), fast (6 steps, guidance from 0.3 of the schedule on: "
+                            "14) or paper (the authors': pndm, 100 steps: 303); measured in docs/benchmarks.md")
     g.add_argument("--init-latents", metavar="FILE.safetensors",
                    help="inject x_T from a file (tensor 'latents', [1 or F,4,H/8,W/8]), e.g. a saved init_latents")
     o = p.add_argument_group("output")
@@ -55,14 +61,15 @@ def register(sub) -> None:
     p.add_argument("--subject", action="append", metavar="FILE.safetensors",
                    help="a saved subject finetune (finetune-subject / finetune-vae output) applied on top of the "
                         "weights; give it twice for a UNet+adapter and a VAE decoder finetune")
-    add_sampling_args(p, PAPER_SAMPLING, ANIMATE_FPS)
+    add_sampling_args(p, DEFAULT_SAMPLING, ANIMATE_FPS, presets=True)
     add_device_args(p)
     p.set_defaults(func=run)
 
 
 def sampling_options(args, defaults: SamplingOptions) -> SamplingOptions:
-    """The run's options: the command's defaults with the flags given; checked (size, choices)."""
-    return options_from_args(args, defaults).check()
+    """The run's options: the chosen preset (or the command's defaults) with the flags given; checked."""
+    preset = getattr(args, "preset", None)
+    return options_from_args(args, SAMPLING_PRESETS[preset] if preset else defaults).check()
 
 
 # what animate writes into --out (a run leaves nothing else there)
@@ -168,7 +175,7 @@ def run(args) -> int:
 
     # 1. everything the user gave, checked before a single weight is read
     check_weights_given(args)
-    options = check_run_options(args, PAPER_SAMPLING)
+    options = check_run_options(args, DEFAULT_SAMPLING)
     check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
                 image=args.image, poses=args.poses, init_latents=args.init_latents, unet_config=args.unet_config,
                 vae_config=args.vae_config)

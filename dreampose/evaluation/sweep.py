@@ -69,13 +69,14 @@ class Finetune:
     vae_steps: int
     lr: float
     vae_lr: float
+    lora_rank: int = 0            # 0: the full UNet + adapter finetune
 
     def apply(self, model, scene: Scene, seed: int, height: int, width: int):
         image = scene.key_frame.float().unsqueeze(0) / 255
         if self.steps:
             model = finetune_subject(model, image, scene.key_uv.unsqueeze(0),
                                      FinetuneSettings(steps=self.steps, lr=self.lr, seed=seed, height=height,
-                                                      width=width))
+                                                      width=width, lora_rank=self.lora_rank))
         if self.vae_steps:
             model = finetune_vae_decoder(model, image, vae_settings(steps=self.vae_steps, lr=self.vae_lr, seed=seed,
                                                                     height=height, width=width))
