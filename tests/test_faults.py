@@ -197,6 +197,47 @@ def test_sigint_during_sampling_exits_130_and_writes_nothing(tmp_path, tiny_drea
     assert not os.path.exists(out) or os.listdir(out) == []
 
 
+CTRL_C_MID_WRITE = r"""
+import os, signal, sys
+import numpy as np
+from dreampose.files import atomic
+from dreampose.pipeline.video import save_video
+out, phase, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = [0]
+real = {"fsync": os.fsync, "replace": os.replace}[phase]
+
+
+def interrupting(*args):
+    calls[0] += 1
+    if calls[0] == at:
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C exactly while the files are being flushed / renamed
+    return real(*args)
+
+
+setattr(os, phase, interrupting)
+frames = np.random.default_rng(0).random((3, 16, 16, 3)).astype(np.float32)
+try:
+    with atomic.output_set():
+        save_video(frames, out)
+        atomic.write_text_atomic(os.path.join(out, "report.json"), "{}")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("phase, at", [("fsync", 1), ("fsync", 3), ("replace", 1), ("replace", 4)])
+def test_ctrl_c_while_a_set_is_flushed_or_renamed_leaves_all_or_nothing(tmp_path, phase, at):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_MID_WRITE, str(out), phase, str(at)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", proc.stderr[-2000:]
+    names = sorted(os.listdir(out))
+    assert not [n for n in names if n.startswith(".tmp-")], names      # no temporary file left behind
+    whole = ["dreampose.mp4", "frame_0000.png", "frame_0001.png", "frame_0002.png", "report.json"]
+    # while flushing: nothing appears; while renaming: the interrupt waits until the whole set is in place
+    assert names == ([] if phase == "fsync" else whole), names
+
+
 # ------------------------------------------------------------------------------ full and read-only disks
 
 def test_a_full_disk_gives_a_clear_error_and_no_partial_file(tmp_path):

@@ -17,7 +17,9 @@ import errno
 import io
 import json
 import os
+import signal
 import tempfile
+import threading
 
 import numpy as np
 import torch
@@ -42,7 +44,8 @@ class OutputSet:
         self._pending[final] = (tmp, mode)
 
     def commit(self) -> list[str]:
-        """Flush every file, then rename all; returns the final paths."""
+        """Flush every file, then rename all; returns the final paths. Ctrl-C while flushing deletes the
+        temporary files (nothing appears); while renaming it is held back until every file is in place."""
         for final, (tmp, mode) in self._pending.items():
             try:
                 _fsync(tmp)
@@ -51,14 +54,18 @@ class OutputSet:
             except OSError as exc:
                 self.discard()
                 raise write_error(final, exc) from None
-        done = []
-        for final, (tmp, _) in self._pending.items():
-            try:
-                os.replace(tmp, final)
-            except OSError as exc:
+            except BaseException:
                 self.discard()
-                raise write_error(final, exc) from None
-            done.append(final)
+                raise
+        done = []
+        with _interrupts_held():
+            for final, (tmp, _) in self._pending.items():
+                try:
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    self.discard()
+                    raise write_error(final, exc) from None
+                done.append(final)
         for folder in {os.path.dirname(p) for p in done}:
             _fsync_folder(folder)
         self._pending.clear()
@@ -68,6 +75,27 @@ class OutputSet:
         for tmp, _ in self._pending.values():
             _remove(tmp)
         self._pending.clear()
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """SIGINT (Ctrl-C) held back until the block ends, then delivered: renaming finished files takes
+    moments, and half a set renamed is what a set exists to prevent. Only the main thread can hold it (a
+    worker thread, e.g. ComfyUI's, runs the block as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
