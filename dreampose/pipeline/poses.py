@@ -66,6 +66,10 @@ def check_uv(uv: torch.Tensor) -> torch.Tensor:
     uv = uv.float()
     if not torch.isfinite(uv).all():
         raise DreamPoseError("the DensePose UV contains NaN or infinite values")
+    low, high = float(uv.min()), float(uv.max())
+    if low < 0 or high > 1 + 1e-3:
+        hint = "; it looks like 0..255 picture values: divide by 255" if low >= 0 and high <= 255 else ""
+        raise DreamPoseError(f"DensePose U and V must lie in 0..1 (0 off the body), found {low:g} … {high:g}{hint}")
     return uv
 
 
