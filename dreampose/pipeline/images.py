@@ -36,7 +36,7 @@ def check_image(image: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(image).all():
         raise DreamPoseError("the key frame contains NaN or infinite values")
     low, high = float(image.min()), float(image.max())
-    if low < -1e-3 or high > 1 + 1e-3:
+    if low < -0.5 or high > 1.5:     # a little over/undershoot (sharpening, resampling) is clipped, as before
         hint = "; it looks like 0..255 values: divide by 255 (or give uint8)" if low >= 0 and high <= 255 else ""
         raise DreamPoseError(f"a float key frame must hold values in 0..1, found {low:g} … {high:g}{hint}")
     return (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
