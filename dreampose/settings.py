@@ -341,9 +341,19 @@ def finetune_flags(kind: str) -> tuple[str, ...]:
     return tuple(o.name for o in options_of(FinetuneSettings) if o.flag and o.only in (None, kind))
 
 
-def finetune_defaults(kind: str) -> FinetuneSettings:
-    """The defaults of a finetune kind: the authors' subject or VAE decoder finetune."""
-    return FinetuneSettings() if check_kind(kind) == "subject" else vae_settings()
+# Chosen on the finetune-vs-cost table (docs/benchmarks.md, docs/finetune_vs_cost.json): a LoRA of the UNet
+# attention (rank 16) rather than a full finetune, so a high learning rate on one photo cannot wreck SD-sized
+# weights, and 100 + 100 steps instead of the authors' 500 + 1500, every metric within seed noise of theirs.
+FINETUNE_PRESETS = {
+    "fast": {"subject": FinetuneSettings(steps=100, lr=1e-4, lora_rank=16), "vae": vae_settings(steps=100, lr=1e-4)},
+    "paper": {"subject": FinetuneSettings(), "vae": vae_settings()},
+}
+
+
+def finetune_defaults(kind: str, preset: str = "fast") -> FinetuneSettings:
+    """The defaults of a finetune kind (``subject``: UNet + adapter, ``vae``: VAE decoder) in a preset:
+    ``fast`` (the default) or ``paper`` (the authors' finetunes)."""
+    return FINETUNE_PRESETS[check_choice(preset, FINETUNE_PRESETS, "finetune preset")][check_kind(kind)]
 
 
 def check_settings(settings: FinetuneSettings | None, kind: str = "subject") -> FinetuneSettings:

@@ -231,8 +231,8 @@ class _FinetuneNode(io.ComfyNode):
                                    "quarter of AdamW's memory)."),
             io.Int.Input("lora_rank", default=d.lora_rank, min=0, max=512,
                          tooltip="0: finetune every UNet and adapter weight (the paper; about 32 GB of VRAM at "
-                                 "512×640). A rank such as 16 or 64 trains LoRA layers instead: a fraction of the "
-                                 "memory and a small file."),
+                                 "512×640). Default 16: LoRA layers instead, a fraction of the memory and "
+                                 "a small file (the fast preset)."),
         ]
 
     @classmethod
@@ -302,8 +302,8 @@ class SubjectFinetune(_FinetuneNode):
         "name_default": "subject",
         "name": "File name under models/dreampose/subjects/ (.safetensors is added); no folders. An existing file "
                 "of that name is replaced. Give the VAE finetune another name.",
-        "steps": f"Training steps (the authors used about {FinetuneSettings.steps} for a subject).",
-        "lr": "Learning rate (AdamW). 1e-5 for a full finetune; LoRA takes about 1e-4.",
+        "steps": f"Training steps (default: the fast preset's; the authors used {FinetuneSettings.steps}).",
+        "lr": "Learning rate (AdamW). 1e-4 with the default LoRA; the authors' full finetune used 1e-5.",
         "seed_of": "noise, timesteps and augmentation",
         "crop": "Random crops of photo and pose together (augmentation; helps with few photos).",
         "flip": "Random horizontal flips of photo and pose together. Off by default: a mirrored DensePose keeps "
@@ -341,8 +341,8 @@ class VAEDecoderFinetune(_FinetuneNode):
         "name_default": "subject_vae",
         "name": "File name under models/dreampose/subjects/ (.safetensors is added); no folders. Not the subject "
                 "finetune's name, or it would replace that file.",
-        "steps": "Training steps.",
-        "lr": "Learning rate (AdamW).",
+        "steps": "Training steps (default: the fast preset's 100; the authors used 1500).",
+        "lr": "Learning rate (AdamW; the authors used 5e-5).",
         "seed_of": "crops, flips, photo order and latent samples",
         "crop": "Random crops of the photos (augmentation).",
         "flip": "Random horizontal flips of the photos.",

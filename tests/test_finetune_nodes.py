@@ -36,11 +36,17 @@ INPUT_ORDER = {
     "VAEDecoderFinetune": ["model", "images", "name", "steps", "lr", "seed", "crop", "flip", "precision"],
 }
 OUTPUTS = {"SubjectFinetune": ["DREAMPOSE_MODEL"], "VAEDecoderFinetune": ["DREAMPOSE_MODEL", "VAE"]}
-DEFAULTS = {
+# the authors' finetunes: what the shipped finetune workflow keeps
+PAPER_VALUES = {
     "SubjectFinetune": {"name": "subject", "steps": 500, "lr": 1e-5, "seed": 0, "crop": True, "flip": False,
                         "gradient_checkpointing": False, "precision": "fp32", "optimizer": "adamw", "lora_rank": 0},
     "VAEDecoderFinetune": {"name": "subject_vae", "steps": 1500, "lr": 5e-5, "seed": 0, "crop": True, "flip": False,
                            "precision": "fp32"},
+}
+# the nodes' defaults: the fast preset (LoRA rank 16, 100 + 100 steps at 1e-4)
+DEFAULTS = {
+    "SubjectFinetune": {**PAPER_VALUES["SubjectFinetune"], "steps": 100, "lr": 1e-4, "lora_rank": 16},
+    "VAEDecoderFinetune": {**PAPER_VALUES["VAEDecoderFinetune"], "steps": 100, "lr": 1e-4},
 }
 
 SUBJECT_STEPS, VAE_STEPS = 2, 2
@@ -401,9 +407,10 @@ def test_workflow_validates_and_converts(env, first_run):
         by_type.setdefault(v["class_type"], []).append((nid, v["inputs"]))
     (sub_id, sub), = by_type["SubjectFinetune"]
     (vae_id, vae), = by_type["VAEDecoderFinetune"]
-    assert {k: sub[k] for k in DEFAULTS["SubjectFinetune"]} == {**DEFAULTS["SubjectFinetune"], "name": "my_subject"}
-    assert {k: vae[k] for k in DEFAULTS["VAEDecoderFinetune"]} == {**DEFAULTS["VAEDecoderFinetune"],
-                                                                   "name": "my_subject_vae"}
+    assert {k: sub[k] for k in PAPER_VALUES["SubjectFinetune"]} == {**PAPER_VALUES["SubjectFinetune"],
+                                                                     "name": "my_subject"}
+    assert {k: vae[k] for k in PAPER_VALUES["VAEDecoderFinetune"]} == {**PAPER_VALUES["VAEDecoderFinetune"],
+                                                                       "name": "my_subject_vae"}
     assert vae["model"] == [sub_id, 0]
     (_, sampler), = by_type["DualCFGSampler"]
     assert sampler["model"] == [vae_id, 0]

@@ -56,3 +56,29 @@ def test_the_presets_cost_what_they_promise(preset, evaluations):
            generator=torch.Generator().manual_seed(0))
     assert stats.image_evaluations == evaluations
     assert evaluations <= {"default": 30, "fast": 15, "paper": 303}[preset]
+
+
+FINETUNES = json.loads((Path(__file__).parents[1] / "docs" / "finetune_vs_cost.json").read_text())
+
+
+def _finetune_row(settings_pair) -> tuple[str, dict]:
+    subject, vae = settings_pair["subject"], settings_pair["vae"]
+    want = {"steps": subject.steps, "vae_steps": vae.steps, "lr": subject.lr, "vae_lr": vae.lr,
+            "lora_rank": subject.lora_rank}
+    found = [(n, r) for n, r in FINETUNES.items() if r["finetune"] and {k: r["finetune"][k] for k in want} == want]
+    assert len(found) == 1, f"no row of the finetune table trains as {want}"
+    return found[0]
+
+
+def test_the_fast_finetune_is_a_row_within_seed_noise_of_the_authors_at_a_tenth_of_the_compute():
+    from dreampose.settings import FINETUNE_PRESETS
+
+    _, fast = _finetune_row(FINETUNE_PRESETS["fast"])
+    _, paper = _finetune_row(FINETUNE_PRESETS["paper"])
+    entry, reference = summarise(fast)[0], summarise(paper)[0]
+    assert entry["seeds"] >= 3
+    assert all(within_noise(entry, reference, m) for m in METRICS), (entry, reference)
+    steps = {k: v["finetune"]["steps"] + v["finetune"]["vae_steps"] for k, v in (("fast", fast), ("paper", paper))}
+    assert steps["fast"] * 10 <= steps["paper"], steps      # a tenth of the optimizer steps (each also cheaper)
+    none = summarise(FINETUNES["none"])[0]
+    assert none["l1"] > entry["l1"] + 2 * max(none["l1_sd"], entry["l1_sd"])   # the finetune does something

@@ -49,7 +49,10 @@ def test_finetune_flags_default_to_the_kinds_settings(command, kind):
     args = parse(command, "--images", "a.png", "--out", "o.safetensors", *extra, "--steps", 7, "--no-crop")
     assert cli_finetune.settings_of(args, kind) == dataclasses.replace(S.finetune_defaults(kind), steps=7,
                                                                        crop=False)
-    assert S.finetune_defaults("vae").steps == S.VAE_FINETUNE_DEFAULTS["steps"] != S.FinetuneSettings().steps
+    assert S.finetune_defaults("vae", "paper").steps == S.VAE_FINETUNE_DEFAULTS["steps"] != S.FinetuneSettings().steps
+    args = parse(command, "--images", "a.png", "--out", "o.safetensors", *extra, "--preset", "paper")
+    assert cli_finetune.settings_of(args, kind) == S.finetune_defaults(kind, "paper")
+    assert S.finetune_defaults("subject", "paper") == S.FinetuneSettings()
 
 
 def test_finetune_help_shows_each_kinds_defaults(capsys):

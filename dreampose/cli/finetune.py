@@ -12,7 +12,7 @@ import time
 
 from ..errors import DreamPoseError
 from ..files.destinations import check_output_file
-from ..settings import FinetuneSettings, check_settings, finetune_defaults, finetune_flags
+from ..settings import FINETUNE_PRESETS, FinetuneSettings, check_settings, finetune_defaults, finetune_flags
 from .common import (StepBar, add_options, add_weight_args, check_paths, check_weights_given, err, image_paths,
                      load_image, load_model, options_from_args, positive_int)
 
@@ -44,8 +44,13 @@ def _register(sub, name: str, kind: str) -> None:
     p.add_argument("--out", required=True, metavar="FILE.safetensors", help="where to save the finetune")
     p.add_argument("--force", action="store_true", help="train even if --out already holds this finetune, and "
                                                         "replace an --out file that holds something else")
-    g = p.add_argument_group("training (defaults: the authors' " + ("subject finetune)" if subject else
-                                                                     "VAE decoder finetune)"))
+    g = p.add_argument_group("training (defaults: the fast preset; --preset paper: the authors' "
+                             + ("subject finetune)" if subject else "VAE decoder finetune)"))
+    g.add_argument("--preset", choices=sorted(FINETUNE_PRESETS), default="fast",
+                   help="the settings the other training flags start from: fast (default; " +
+                        ("LoRA rank 16, 100 steps, lr 1e-4" if subject else "100 steps, lr 1e-4") +
+                        ") or paper (the authors': " + ("500 steps, lr 1e-5, every weight" if subject else
+                                                        "1500 steps, lr 5e-5") + "); docs/benchmarks.md")
     add_options(p, FinetuneSettings, finetune_flags(kind),
                 parse_defaults=False, help_defaults=finetune_defaults(kind), group=g)
     p.add_argument("--device", default="auto", help="where to train: auto (CUDA if available, else CPU), cpu, cuda, "
@@ -57,7 +62,8 @@ def _register(sub, name: str, kind: str) -> None:
 
 def settings_of(args, kind: str) -> FinetuneSettings:
     """The kind's defaults with the flags given, validated."""
-    return check_settings(options_from_args(args, finetune_defaults(kind), finetune_flags(kind)), kind)
+    base = finetune_defaults(kind, getattr(args, "preset", None) or "fast")
+    return check_settings(options_from_args(args, base, finetune_flags(kind)), kind)
 
 
 def run(args) -> int:
