@@ -66,8 +66,11 @@ def dual_cfg_guider(model, positive: list, image_only: list, negative: list, s_i
     """Core's dual-CFG guider computing ε(∅,∅) + s_I·(ε(I,∅) − ε(∅,∅)) + s_p·(ε(I,P) − ε(I,∅)); with an
     ``interval`` other than the whole schedule, :class:`IntervalDualCFG`."""
     interval = check_guidance_interval(*interval)
-    guider = Guider_DualCFG(model) if interval == (0.0, 1.0) else IntervalDualCFG(model)
-    guider.interval = interval
+    if interval == (0.0, 1.0):
+        guider = Guider_DualCFG(model)
+    else:
+        guider = IntervalDualCFG(model)
+        guider.interval = interval
     guider.set_conds(positive, image_only, negative)
     guider.set_cfg(s_pose, s_image, nested=False)
     return guider

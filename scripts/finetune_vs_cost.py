@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from dreampose.demo.model import demo_scene, load_demo_model  # noqa: E402
-from dreampose.evaluation.sweep import METRICS, Finetune, Scene, SweepRow, run_sweep, summarise  # noqa: E402
+from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
+from dreampose.evaluation.sweep import METRICS, Finetune, SweepRow, run_sweep, summarise  # noqa: E402
 from dreampose.files.atomic import write_text_atomic  # noqa: E402
 from dreampose.settings import DEFAULT_SAMPLING, DEMO_SAMPLING, FinetuneSettings, vae_settings  # noqa: E402
 
@@ -47,10 +47,7 @@ def main(argv=None) -> int:
     if not args.force and any(os.path.exists(x) for x in paths):
         print(f"error: {args.out} already holds results; pass --force to replace them", file=sys.stderr)
         return 1
-    scenes = []
-    for subject in range(args.subjects):
-        s = demo_scene(args.frames, subject, None, DEMO_SAMPLING.height, DEMO_SAMPLING.width)
-        scenes.append(Scene(f"test {subject} ({s['motion']})", s["key_frame"], s["key_uv"], s["uv"], s["truth"]))
+    scenes = demo_test_scenes(args.subjects, args.frames, DEMO_SAMPLING.height, DEMO_SAMPLING.width)
     model = load_demo_model().place(torch.device("cpu"), torch.float32)
     row = SweepRow(f"{DEFAULT_SAMPLING.sampler} {DEFAULT_SAMPLING.steps}", DEFAULT_SAMPLING.sampler,
                    DEFAULT_SAMPLING.steps, DEMO_SAMPLING.s_image, DEMO_SAMPLING.s_pose)

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from dreampose.demo.model import demo_scene, load_demo_model  # noqa: E402
-from dreampose.evaluation.sweep import Finetune, Scene, SweepRow, markdown_table, run_sweep, summarise  # noqa: E402
+from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
+from dreampose.evaluation.sweep import Finetune, SweepRow, markdown_table, run_sweep, summarise  # noqa: E402
 from dreampose.files.atomic import write_text_atomic  # noqa: E402
 from dreampose.settings import DEMO_SAMPLING, SAMPLERS  # noqa: E402
 
@@ -77,10 +77,7 @@ def main(argv=None) -> int:
         return 1
     assert all(r.sampler in SAMPLERS for r in ROWS)
     rows = [r for r in ROWS if r.name in SUBSETS[args.rows]]
-    scenes = []
-    for subject in range(args.subjects):
-        s = demo_scene(args.frames, subject, None, DEMO_SAMPLING.height, DEMO_SAMPLING.width)
-        scenes.append(Scene(f"test {subject} ({s['motion']})", s["key_frame"], s["key_uv"], s["uv"], s["truth"]))
+    scenes = demo_test_scenes(args.subjects, args.frames, DEMO_SAMPLING.height, DEMO_SAMPLING.width)
     model = load_demo_model().place(torch.device("cpu"), torch.float32)
     finetune = Finetune(*args.finetune_steps, lr=1e-4, vae_lr=1e-4) if args.finetune else None
     t0 = time.perf_counter()

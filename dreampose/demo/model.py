@@ -14,6 +14,7 @@ import torch
 
 from ..data.world import neutral_pose, random_motion, random_outfit, render_video, world_seeds
 from ..errors import DreamPoseError
+from ..evaluation.sweep import Scene
 from ..loaders.load import load_dreampose
 from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS,
                         DEMO_WIDTH, MOTIONS, FinetuneSettings, check_choice, vae_settings)
@@ -95,3 +96,14 @@ def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, 
         model = finetune_vae_decoder(model, image, settings,
                                      callback=None if callback is None else lambda *a: callback("vae", *a))
     return model
+
+
+def demo_test_scenes(count: int, frames: int = DEMO_FRAMES, height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH):
+    """The first ``count`` test-split subjects, each with its own motion, as the benchmarks' scenes
+    (:class:`~dreampose.evaluation.sweep.Scene`: key frame, its UV, the driving UV, the true frames)."""
+    scenes = []
+    for subject in range(count):
+        s = demo_scene(frames, subject, None, height, width)
+        scenes.append(Scene(f"test {subject} ({s['motion']})", s["key_frame"], s["key_uv"], s["uv"], s["truth"]))
+    return scenes
+

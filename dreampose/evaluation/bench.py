@@ -35,9 +35,9 @@ from ..errors import DreamPoseError
 from ..models.devices import dtype_name, synchronize
 from ..models.lora import lora_delta_of
 from ..pipeline.animate import prepare
-from ..pipeline.guidance import branch_weights
+from ..pipeline.guidance import DualCFGDenoiser
 from ..pipeline.sampling import SampleStats, decode, make_scheduler, sample
-from ..settings import (BENCH_FINETUNE_MODES, UNET_IN_CHANNELS, BenchSettings, FinetuneSettings, SamplingOptions,
+from ..settings import (BENCH_FINETUNE_MODES, LATENT_CHANNELS, BenchSettings, FinetuneSettings, SamplingOptions,
                         check_output_size, vae_settings)
 from ..training.finetune import finetune_subject, finetune_vae_decoder, require_peft
 
@@ -153,18 +153,6 @@ def _peak_memory(device: torch.device) -> dict:
             "peak_memory_kind": "process peak RSS (getrusage), whole process including imports"}
 
 
-def _resident_bytes() -> int | None:
-    """The process's resident set now (Linux /proc), or None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _weights_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for m in (model.unet, model.adapter, model.vae, model.clip)
                for t in [*m.parameters(), *m.buffers()])
@@ -180,7 +168,7 @@ def _load_memory(model, device: torch.device) -> dict:
         out.update(load_peak_memory_mib=round(peak / 2**20, 1), load_peak_memory_kind="cuda max_memory_allocated")
     else:
         peak = _peak_memory(device)["peak_memory_bytes"]
-        resident = _resident_bytes()
+        resident = _proc_status("VmRSS")
         out.update(load_peak_memory_mib=None if peak is None else round(peak / 2**20, 1),
                    load_peak_memory_kind="process peak RSS after loading (memory-mapped weights count once read)",
                    resident_after_load_mib=None if resident is None else round(resident / 2**20, 1))
@@ -232,10 +220,11 @@ def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: t
         n = frames_per_batch
         h, w = height // 8, width // 8
         gen = torch.Generator().manual_seed(options.seed + 1)
-        branches = sum(w != 0 for w in branch_weights(options.s_image, options.s_pose))   # as the denoiser batches
-        model_in = torch.randn(branches * n, UNET_IN_CHANNELS, h, w, generator=gen).to(device, dtype)
-        hidden = torch.cat([cond.uncond.expand(n, -1, -1), cond.cond.expand(n, -1, -1),
-                            cond.cond.expand(n, -1, -1)])[:branches * n].to(device, dtype)
+        denoiser = DualCFGDenoiser(model.unet, cond.cond.to(device), cond.uncond.to(device),
+                                   poses.windows(slice(0, n)).to(device), options.s_image, options.s_pose)
+        model_in, hidden = denoiser.inputs()      # the batch the guidance needs, as sampling builds it
+        model_in[:, :LATENT_CHANNELS] = torch.randn(model_in.shape[0], LATENT_CHANNELS, h, w, generator=gen
+                                                    ).to(device, dtype)
         t_first = scheduler.timesteps[0]
 
         @torch.no_grad()

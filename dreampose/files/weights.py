@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import mmap
 import os
 import pickle
@@ -139,10 +140,7 @@ def _stream_safetensors(path: str, start: int, entries: dict, dtype) -> dict[str
             file_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(entry["shape"])
             begin, end = entry["data_offsets"]
-            numel = 1
-            for d in shape:
-                numel *= d
-            if end - begin != numel * torch.empty((), dtype=file_dtype).element_size() or start + end > size:
+            if end - begin != math.prod(shape) * torch.empty((), dtype=file_dtype).element_size() or start + end > size:
                 raise DreamPoseError(f"{path}: tensor {key!r} lies outside the file or has the wrong byte size; "
                                      "the file is truncated or corrupt: fetch it again")
             buf = bytearray(end - begin)

@@ -297,7 +297,6 @@ def load_authors_unet(path: str, config: dict | None = None, dtype: torch.dtype 
         path: the authors' UNet file.
         config: an SD 1.x UNet config to build from instead of the shipped ``sd15_unet``; either is widened to 14
             input channels (their saved configs say 4: docs/official-code.md, quirk #3).
-
         dtype: the floating dtype to load into, tensor by tensor (None: the file's).
 
     Returns:

@@ -71,15 +71,22 @@ class DualCFGDenoiser:
         self.calls = 0
         self.evaluations = 0   # image evaluations: frames × branches, summed over calls
 
-    def _run(self, branches: list[int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The UNet on ``branches`` (indices into the batch layout) for latents ``x``: ``[len·n,4,h,w]``."""
+    def inputs(self, branches: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The UNet's input and cross-attention states for ``branches`` (indices into the batch layout;
+        default: the ones the guidance needs), ``[len·n,14,h,w]`` and ``[len·n,T,D]``: views of the buffers
+        when the branches are consecutive, else copies."""
+        branches = self.branches if branches is None else branches
         n = self.frames
         lo, hi = branches[0], branches[-1] + 1
         if hi - lo == len(branches):        # consecutive thirds of the buffer: views, no copy
-            model_in, hidden = self.model_in[lo * n:hi * n], self.hidden[lo * n:hi * n]
-        else:
-            rows = torch.cat([torch.arange(b * n, (b + 1) * n) for b in branches]).to(self.device)
-            model_in, hidden = self.model_in[rows], self.hidden[rows]
+            return self.model_in[lo * n:hi * n], self.hidden[lo * n:hi * n]
+        rows = torch.cat([torch.arange(b * n, (b + 1) * n) for b in branches]).to(self.device)
+        return self.model_in[rows], self.hidden[rows]
+
+    def _run(self, branches: list[int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The UNet on ``branches`` (indices into the batch layout) for latents ``x``: ``[len·n,4,h,w]``."""
+        n = self.frames
+        model_in, hidden = self.inputs(branches)
         for i in range(len(branches)):
             model_in[i * n:(i + 1) * n, :LATENT_CHANNELS] = x
         self.calls += 1
