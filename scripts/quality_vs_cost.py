@@ -66,8 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--finetune-steps", type=int, nargs=2, default=[100, 100], metavar=("UNET", "VAE"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace sweep.json / table.md from an earlier run")
-    p.add_argument("--record", metavar="JSON", help="also store the result in this file under 'finetune' or "
-                                                    "'no_finetune' (docs/quality_vs_cost.json: the presets' test reads it)")
+    p.add_argument("--record", metavar="JSON",
+                   help="also store the result in this file under 'finetune' or 'no_finetune' "
+                        "(docs/quality_vs_cost.json: the presets' test reads it)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
