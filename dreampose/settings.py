@@ -43,6 +43,8 @@ LATENT_MODES = ("sample", "mode")             # quirk #13
 SAMPLERS = ("pndm", "ddim", "dpmpp_2m", "euler_a", "unipc")
 START_MODES = ("official", "noise")           # quirk #14
 STRETCH_MODES = ("none", "per_frame", "sequence")   # quirk #8
+ANCHORS = ("first", "previous")                # cross-frame attention's anchor after the first chunk
+MAX_UV_SMOOTHING = 8                           # frames either side
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")     # UNet/adapter
 NODE_DTYPE_CHOICES = DTYPE_CHOICES + ("fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")   # ComfyUI stores fp8 weights
 VAE_DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
@@ -180,6 +182,16 @@ def check_sampler(sampler: str) -> str:
     return check_choice(sampler, SAMPLERS, "sampler")
 
 
+def check_consistency(reference: float, cross_frame: float, anchor: str, uv_smoothing: int) -> None:
+    """The temporal-consistency options: blend weights in 0..1, a known anchor, a smoothing radius in frames."""
+    for name, value in (("reference_attention", reference), ("cross_frame_attention", cross_frame)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise DreamPoseError(f"{name} is a blend weight in 0..1 (0: off), got {value!r}")
+    check_choice(anchor, ANCHORS, "cross-frame anchor")
+    if isinstance(uv_smoothing, bool) or not isinstance(uv_smoothing, int) or not 0 <= uv_smoothing <= MAX_UV_SMOOTHING:
+        raise DreamPoseError(f"uv_smoothing is a number of frames in 0..{MAX_UV_SMOOTHING}, got {uv_smoothing!r}")
+
+
 def check_start(start: str) -> str:
     return check_choice(start, START_MODES, "start mode")
 
@@ -227,6 +239,20 @@ class SamplingOptions:
     guidance_end: float = option(
         1.0, "guidance only up to this fraction of the schedule (1: the last step; default {default:g})", kind="unit",
         group="sampling")
+    reference_attention: float = option(
+        0.0, "reference attention: every frame's self-attention also attends to the subject photo's features at the "
+             "same step, blended with this weight (0: off, 1: full; default {default:g}; one extra UNet evaluation "
+             "per branch and step for each chunk)", kind="unit", group="consistency")
+    cross_frame_attention: float = option(
+        0.0, "cross-frame attention: every frame's self-attention also attends to an anchor frame's, blended with this "
+             "weight (0: off; default {default:g})", kind="unit", group="consistency")
+    cross_frame_anchor: str = option(
+        "first", "the anchor of cross-frame attention after the first chunk: the video's first frame or the previous "
+                 "chunk's last, noised to each step (within the first chunk: its first frame; default {default})",
+        choices=ANCHORS, group="consistency")
+    uv_smoothing: int = option(
+        0, "temporal smoothing of the DensePose UV over +-N frames, per body part (0: off; default {default})",
+        minimum=0, maximum=MAX_UV_SMOOTHING, group="consistency")
 
     def check(self) -> SamplingOptions:
         """Every field valid, or a DreamPoseError naming the first wrong one."""
@@ -243,6 +269,8 @@ class SamplingOptions:
         check_stretch(self.stretch)
         check_latent_mode(self.conditioning_latent)
         check_guidance_interval(self.guidance_start, self.guidance_end)
+        check_consistency(self.reference_attention, self.cross_frame_attention, self.cross_frame_anchor,
+                          self.uv_smoothing)
         return self
 
     def replace(self, **changes) -> SamplingOptions:
@@ -542,6 +570,14 @@ class EvalSettings:
                                    kind="unit", group=_EVAL_SAMPLING)
     guidance_end: float = option(1.0, "guidance only up to this fraction of the schedule (default {default:g})",
                                  kind="unit", group=_EVAL_SAMPLING)
+    reference_attention: float = option(0.0, "reference attention weight (0: off; default {default:g})", kind="unit",
+                                        group=_EVAL_SAMPLING)
+    cross_frame_attention: float = option(0.0, "cross-frame attention weight (0: off; default {default:g})",
+                                          kind="unit", group=_EVAL_SAMPLING)
+    cross_frame_anchor: str = option("first", "cross-frame anchor after the first chunk (default {default})",
+                                     choices=ANCHORS, group=_EVAL_SAMPLING)
+    uv_smoothing: int = option(0, "temporal UV smoothing over +-N frames (0: off; default {default})", minimum=0,
+                               maximum=MAX_UV_SMOOTHING, group=_EVAL_SAMPLING)
     height: int | None = option(None, "sampling height, a multiple of 64 (default: the ground truth's)",
                                 group=_EVAL_SAMPLING, cli={"type": int})
     width: int | None = option(None, "sampling width, a multiple of 64 (default: the ground truth's)",
@@ -567,7 +603,9 @@ class EvalSettings:
         return SamplingOptions(width=width, height=height, steps=self.steps, sampler=self.sampler,
                                s_image=self.s_image, s_pose=self.s_pose, seed=self.seed,
                                frames_per_batch=self.frames_per_batch, guidance_start=self.guidance_start,
-                               guidance_end=self.guidance_end)
+                               guidance_end=self.guidance_end, reference_attention=self.reference_attention,
+                               cross_frame_attention=self.cross_frame_attention,
+                               cross_frame_anchor=self.cross_frame_anchor, uv_smoothing=self.uv_smoothing)
 
 
 # ------------------------------------------------------------------------------ data

@@ -4,8 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..dreampose.errors import DreamPoseError
-from ..dreampose.pipeline.poses import list_uv_files, load_uv_folder, make_pose_windows
-from ..dreampose.settings import MAX_SIZE, PAPER_SAMPLING, check_output_size
+from ..dreampose.pipeline.poses import list_uv_files, load_uv_folder, make_pose_windows, smooth_uv
+from ..dreampose.settings import MAX_SIZE, MAX_UV_SMOOTHING, PAPER_SAMPLING, check_output_size
 from . import folders
 from .types import DreamPosePoseType, require_uv
 
@@ -62,6 +62,10 @@ class DensePoseWindow5(io.ComfyNode):
                                      "frames of the whole animation: for previews and splitting long videos."),
                 io.Int.Input("frame_count", default=0, min=0, max=10 ** 6, optional=True,
                              tooltip="How many frames to render from first_frame (0 = to the end)."),
+                io.Int.Input("uv_smoothing", default=0, min=0, max=MAX_UV_SMOOTHING, optional=True,
+                             tooltip="Temporal smoothing of the DensePose UV over ±N frames against estimator "
+                                     "jitter (0 = off). Per body part: a limb passing another or a part appearing "
+                                     "never mixes UV charts, and steady motion stays where it is."),
             ],
             outputs=[DreamPosePoseType.Output(
                 display_name="poses", tooltip="Pose windows at the output size, for DualCFGSampler.")],
@@ -81,8 +85,9 @@ class DensePoseWindow5(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, uv, width: int, height: int, first_frame: int = 0, frame_count: int = 0) -> io.NodeOutput:
-        windows = make_pose_windows(require_uv(uv), height=height, width=width)
+    def execute(cls, uv, width: int, height: int, first_frame: int = 0, frame_count: int = 0,
+                uv_smoothing: int = 0) -> io.NodeOutput:
+        windows = make_pose_windows(smooth_uv(require_uv(uv), uv_smoothing), height=height, width=width)
         if first_frame or frame_count:
             windows = windows.select(slice(first_frame, first_frame + frame_count if frame_count else None))
         return io.NodeOutput(windows)

@@ -20,9 +20,13 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..dreampose.pipeline.conditioning import check_condition_fits, check_condition_source
-from ..dreampose.pipeline.sampling import compose_start, make_scheduler, start_components, stretch_frames
-from ..dreampose.settings import (DEFAULT_SAMPLING, SAMPLERS, SAMPLING_PRESETS, START_MODES, STRETCH_MODES,
+from ..dreampose.models.attention import SharedAttention
+from ..dreampose.pipeline.consistency import consistency_sources
+from ..dreampose.pipeline.sampling import (compose_start, key_frame_latent, make_scheduler, start_components,
+                                           stretch_frames)
+from ..dreampose.settings import (ANCHORS, DEFAULT_SAMPLING, SAMPLERS, SAMPLING_PRESETS, START_MODES, STRETCH_MODES,
                                   VAE_SCALE, SamplingOptions)
+from . import core_consistency as cc
 from . import core_sampling as cs
 from . import preview
 from .types import DreamPoseCondType, DreamPoseModelType, DreamPosePoseType, require_core_unet, require_model, \
@@ -94,6 +98,21 @@ class DualCFGSampler(io.ComfyNode):
                                        "per frame); fast: 6 steps, guidance from 0.3 of the schedule on (14); paper: "
                                        "the authors' pndm 100 steps (303). A preset sets s_image, s_pose, steps, "
                                        "sampler and the guidance interval."),
+                io.Float.Input("reference_attention", default=DEFAULTS.reference_attention, min=0.0, max=1.0,
+                               step=0.05, optional=True,
+                               tooltip="Reference attention (beyond the paper): every frame's self-attention also "
+                                       "attends to the subject photo's features at the same step, blended with this "
+                                       "weight (0 = off, 1 = full). Steadier texture and identity; one more UNet row "
+                                       "per guidance branch in each call."),
+                io.Float.Input("cross_frame_attention", default=DEFAULTS.cross_frame_attention, min=0.0, max=1.0,
+                               step=0.05, optional=True,
+                               tooltip="Cross-frame attention (beyond the paper): every frame's self-attention also "
+                                       "attends to an anchor frame's, blended with this weight (0 = off). Within a "
+                                       "chunk the anchor is its first frame; later chunks see cross_frame_anchor."),
+                io.Combo.Input("cross_frame_anchor", options=list(ANCHORS), default=DEFAULTS.cross_frame_anchor,
+                               optional=True,
+                               tooltip="The anchor of chunks after the first: first = the video's first frame, "
+                                       "previous = the previous chunk's last frame (each noised to every step)."),
             ],
             outputs=[
                 io.Image.Output(display_name="frames",
@@ -108,7 +127,10 @@ class DualCFGSampler(io.ComfyNode):
     def execute(cls, model, cond, poses, s_image: float, s_pose: float, steps: int, sampler: str, seed: int,
                 frames_per_batch: int, start: str, stretch: str, core_sampler: str = AS_SAMPLER,
                 scheduler: str = "normal", core_model=None, guidance_start: float = DEFAULTS.guidance_start,
-                guidance_end: float = DEFAULTS.guidance_end, preset: str = WIDGETS) -> io.NodeOutput:
+                guidance_end: float = DEFAULTS.guidance_end, preset: str = WIDGETS,
+                reference_attention: float = DEFAULTS.reference_attention,
+                cross_frame_attention: float = DEFAULTS.cross_frame_attention,
+                cross_frame_anchor: str = DEFAULTS.cross_frame_anchor) -> io.NodeOutput:
         if preset != WIDGETS:
             chosen = SAMPLING_PRESETS[preset]
             s_image, s_pose, steps, sampler, guidance_start, guidance_end = (getattr(chosen, f) for f in PRESET_FIELDS)
@@ -120,7 +142,9 @@ class DualCFGSampler(io.ComfyNode):
         options = SamplingOptions(width=windows.width, height=windows.height, steps=steps, sampler=sampler,
                                   s_image=s_image, s_pose=s_pose, seed=seed, start=start,
                                   frames_per_batch=frames_per_batch, stretch=stretch, guidance_start=guidance_start,
-                                  guidance_end=guidance_end).check()
+                                  guidance_end=guidance_end, reference_attention=reference_attention,
+                                  cross_frame_attention=cross_frame_attention,
+                                  cross_frame_anchor=cross_frame_anchor).check()
         unet = require_core_unet(core_model) if core_model is not None else model.unet
         image = [[cond.cond, {}]]
         null = [[cond.uncond, {}]]
@@ -136,6 +160,15 @@ class DualCFGSampler(io.ComfyNode):
             sigmas = cs.core_sigmas(unet, core_sampler, scheduler, steps)
             core = comfy.samplers.sampler_object(core_sampler)
         start_latent = key_latent / VAE_SCALE if key_latent is not None else torch.zeros_like(noise)
+        sources = None
+        shared_sources = consistency_sources(options)
+        if shared_sources:     # reference / cross-frame attention: core attention patches on a clone of the MODEL
+            reference = None
+            if "reference" in shared_sources:
+                reference = key_latent if key_latent is not None else key_frame_latent(
+                    library_view.vae, cond.key_frame, windows.height, windows.width, latent_mode="mode")
+            sources = cc.CoreSources(SharedAttention(shared_sources), noise, reference)
+            unet = cc.consistent_model(unet, sources)
 
         total = len(windows)
         chunks = math.ceil(total / frames_per_batch)
@@ -169,6 +202,9 @@ class DualCFGSampler(io.ComfyNode):
                                 sigmas=sigmas, noise=noise.expand(n, -1, -1, -1).clone(),
                                 latent_image=start_latent.expand(n, -1, -1, -1).clone(), seed=seed, callback=on_step,
                                 interval=(guidance_start, guidance_end))
+            if sources is not None and (cross_frame_anchor == "previous" or sources.anchor is None):
+                keep = n - 1 if cross_frame_anchor == "previous" else 0
+                sources.anchor = cc.chunk_anchor(z, keep, windows.windows([part.start + keep]))
             latents[part] = z.to(out)
             frames[part] = model.vae.decode(z).to(out, torch.float32)
             del z

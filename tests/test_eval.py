@@ -292,3 +292,53 @@ def test_feature_metrics_in_the_evaluation(setup):
     md = E.markdown_report(result)
     assert md.splitlines()[4].endswith("| FID↓ |")   # FVD: no column, its reason in the notes
     assert "- fvd: skipped — 0 clip(s)" in md
+
+
+def test_drift_is_skipped_with_the_reason_off_the_synthetic_world(single):
+    out, result = single
+    rec = result["rows"]["model"]["videos"]["video0"]
+    assert rec["drift"] == "drift: skipped — " + E.NO_SURFACE
+    assert result["rows"]["model"]["overall"]["key_drift"].startswith("key_drift: skipped")
+    assert "drift↓" not in (out / "metrics.md").read_text()
+
+
+def test_eval_on_the_synthetic_world_reports_appearance_drift_with_consistency_options(setup, tmp_path):
+    from dreampose.data.dataset import load_frame
+    from dreampose.data.world import rendered_truth
+    from dreampose.data.dataset import read_video_folder
+
+    data = tmp_path / "world"
+    assert cli.main(["synth", "--out", str(data), "--split", "test", "--videos", "1", "--frames", "4", "--height",
+                     "64", "--width", "64", "--quiet"]) == 0
+    out = tmp_path / "ev"
+    rc = run("--data", data / "test", "--clip", setup["clip"], "--out", out, "--steps", STEPS, "--frames-per-batch", 2,
+             "--no-discover", "--quiet", "--device", "cpu", "--dreampose", setup["full"], "--save-frames",
+             "--reference-attention", 1, "--cross-frame-attention", 0.5, "--uv-smoothing", 1)
+    assert rc == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["settings"]["reference_attention"] == 1.0 and result["settings"]["uv_smoothing"] == 1
+    rec = result["rows"]["model"]["videos"]["world_0000"]
+    ran = rec["ran"]
+    # 4 frames in chunks of 2, 3 branches, one call per timestep (PNDM's 2 steps are 3 timesteps); one more row
+    # per branch for the reference in both chunks and for the anchor in the second
+    from dreampose.pipeline.sampling import make_scheduler
+    sched = make_scheduler("pndm")
+    sched.set_timesteps(STEPS)
+    calls = len(sched.timesteps)
+    assert ran["image_evaluations"] == calls * 3 * (4 + 2 * 1 + 1 * 1)
+    folder = str(data / "test" / "world_0000")
+    parts = rendered_truth(read_video_folder(folder).info()).parts
+    gt = torch.stack([load_frame(os.path.join(folder, f"frame_{i}.png")) for i in range(4)]).float() / 255
+    uv = torch.stack([torch.from_numpy(np.load(os.path.join(folder, f"frame_{i}_densepose.npy"))) for i in range(4)])
+    saved = torch.stack([load_frame(str(out / "frames" / "model" / "world_0000" / f"frame_{i:04d}.png"))
+                         for i in range(4)]).float() / 255
+    want = M.appearance_drift(saved, gt, parts, uv, key_frame=gt[0], key_parts=parts[0], key_uv=uv[0], pairs=[1, 2],
+                              key_pairs=[1, 2, 3])
+    # the saved frames are the generated ones rounded to 8 bits
+    assert rec["drift"] == pytest.approx(want["consecutive"]["generated"], abs=2e-3)
+    assert rec["key_drift"] == pytest.approx(want["key"]["generated"], abs=2e-3)
+    assert rec["appearance_drift"]["consecutive"]["pairs"] == 2
+    overall = result["rows"]["model"]["overall"]
+    assert overall["drift"] == pytest.approx(rec["drift"]) and overall["drift_floor"] == pytest.approx(
+        want["consecutive"]["ground_truth"], abs=1e-6)
+    assert "drift↓" in (out / "metrics.md").read_text()

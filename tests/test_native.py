@@ -397,3 +397,55 @@ print(json.dumps(out))
     # chunks of 2 frames, then 1: three conds per guided step, one outside the interval
     want = [3 * n if g else n for n in (2, 1) for g in got["guided"]]
     assert got["batches"] == want, got
+
+
+def test_reference_and_cross_frame_attention_on_core_equal_the_library(tmp_path):
+    """Shared self-attention through core attention patches on a clone of the MODEL: 'as sampler' gives the
+    library's latents (chunks of 2: the anchor of the second chunk is a source row); the MODEL passed in is
+    left as it was; a Cancel inside such a run stops it; UV smoothing on the pose-windows node is the library's."""
+    got = host_probe(SAMPLER_SETUP + r"""
+from dreampose_pack.nodes.poses import DensePoseWindow5
+from dreampose_pack.dreampose.pipeline.poses import smooth_uv
+before = (dict(bundle.unet.model_options), bundle.unet.patches_uuid)
+plain = node("ddim", 3)
+for name, extra in (("reference", dict(reference_attention=1.0)),
+                    ("cross", dict(cross_frame_attention=1.0)),
+                    ("both previous", dict(reference_attention=0.5, cross_frame_attention=0.8,
+                                           cross_frame_anchor="previous"))):
+    options = SamplingOptions(width=W, height=H, steps=3, sampler="ddim", s_image=5.0, s_pose=2.0, seed=3,
+                              frames_per_batch=2, **extra)
+    with torch.inference_mode():
+        want = sample(model, cond, windows, options, generator=torch.Generator().manual_seed(3)) / VAE_SCALE
+    out[name] = rel(node("ddim", 3, **extra), want)
+    out[name + " vs plain"] = rel(want, plain)
+out["model kept"] = (dict(bundle.unet.model_options) == before[0] and bundle.unet.patches_uuid == before[1])
+out["plain again"] = (node("ddim", 3) - plain).abs().max().item()
+calls = []
+def cancel_after_two(*a, **k):
+    calls.append(1)
+    if len(calls) == 2:
+        mm.interrupt_current_processing(True)
+    return None
+import comfy.utils
+comfy.utils.set_progress_bar_global_hook(cancel_after_two)
+try:
+    node("ddim", 3, reference_attention=1.0, cross_frame_attention=1.0)
+    out["cancelled"] = False
+except mm.InterruptProcessingException:
+    out["cancelled"] = True
+finally:
+    mm.interrupt_current_processing(False)
+    comfy.utils.set_progress_bar_global_hook(None)
+out["plain after cancel"] = (node("ddim", 3) - plain).abs().max().item()
+smoothed = DensePoseWindow5.execute(uv, W, H, 0, 0, 1).result[0]
+out["smoothing"] = (smoothed.windows() - make_pose_windows(smooth_uv(uv, 1), H, W).windows()).abs().max().item()
+out["smoothing changes"] = (smoothed.windows() - windows.windows()).abs().max().item()
+print(json.dumps(out))
+""", tmp_path)
+    print(got)
+    for name in ("reference", "cross", "both previous"):
+        assert got[name] <= 1e-4, got
+        assert got[name + " vs plain"] > 1e-3, got         # the option really changed the frames
+    assert got["model kept"] and got["plain again"] == 0.0, got
+    assert got["cancelled"] and got["plain after cancel"] == 0.0, got
+    assert got["smoothing"] == 0.0 and got["smoothing changes"] > 0, got

@@ -52,7 +52,8 @@ def register(sub) -> None:
     groups: dict = {}
     add_options(p, EvalSettings, ("key_frame", "max_frames", "finetune_steps", "vae_finetune_steps", "finetune_lr",
                                   "vae_finetune_lr", "steps", "sampler", "s_image", "s_pose", "seed",
-                                  "frames_per_batch", "guidance_start", "guidance_end", "width", "height"),
+                                  "frames_per_batch", "guidance_start", "guidance_end", "reference_attention",
+                                  "cross_frame_attention", "cross_frame_anchor", "uv_smoothing", "width", "height"),
                 groups=groups)
     m = groups.setdefault("metrics", p.add_argument_group("metrics"))
     m.add_argument("--vgg-weights", metavar="FILE", help="torchvision VGG16/VGG19 state dict (VGG; VGG16 also "

@@ -606,6 +606,22 @@ def render_video(outfit: Outfit, motion: np.ndarray, height: int, width: int) ->
                       torch.from_numpy(parts))
 
 
+def jitter_uv(uv: torch.Tensor, *, shift: int = 1, noise: float = 0.03, seed: int = 0) -> torch.Tensor:
+    """The exact UV ``[F,2,H,W]`` as a DensePose estimator would see it: each frame moved by a random whole
+    number of pixels (−``shift`` … ``shift`` in x and y, rolled: the world's frame edges are background) and,
+    on the body, Gaussian noise of
+    std ``noise`` on U and V (kept in ``UV_MIN`` … 1, so the body mask is the moved one). Seeded, CPU."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty_like(uv)
+    for f in range(uv.shape[0]):
+        dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=g))
+        moved = torch.roll(uv[f], (dy, dx), dims=(-2, -1))
+        on = (moved != 0).any(0, keepdim=True)
+        noisy = (moved + noise * torch.randn(moved.shape, generator=g)).clamp(UV_MIN, 1.0)
+        out[f] = torch.where(on, noisy, torch.zeros_like(noisy))
+    return out
+
+
 def body_mask(uv: torch.Tensor) -> torch.Tensor:
     """``[...,2,H,W]`` → ``[...,H,W]`` bool: where the body is (U or V non-zero)."""
     return (uv != 0).any(dim=-3)
@@ -671,6 +687,17 @@ def _same_world_job(folder: str, job: dict) -> bool | None:
     except (OSError, ValueError):
         return False
     return isinstance(info, dict) and all(info.get(k) == v for k, v in job.items())
+
+
+def rendered_truth(info: dict) -> WorldVideo | None:
+    """A synthetic-world video folder's clip rendered again from its marker (``info``: outfit and motion
+    seeds, motion family, size, frames), with the exact part index of every pixel that the folder's
+    files do not store; None for a folder that is not one of the world's."""
+    need = ("outfit_seed", "motion_seed", "motion", "frames", "height", "width")
+    if info.get("source") != "synthetic world" or not all(k in info for k in need):
+        return None
+    motion = random_motion(int(info["motion_seed"]), int(info["frames"]), str(info["motion"]))
+    return render_video(random_outfit(int(info["outfit_seed"])), motion, int(info["height"]), int(info["width"]))
 
 
 def write_world_dataset(root: str, *, videos: int, frames: int, height: int, width: int,

@@ -54,7 +54,9 @@ def demo_scene(frames: int = DEMO_FRAMES, subject: int = 0, motion: str | None =
     Returns:
         A dict: ``key_frame`` (``[3,H,W]`` uint8: the subject standing in the neutral pose), ``key_uv`` (its UV
         ``[2,H,W]``), ``uv`` (the driving UV ``[F,2,H,W]``), ``truth`` (the ground-truth frames ``[F,3,H,W]``
-        0..1: the subject rendered along the motion), ``subject`` (a description) and ``motion`` (the family).
+        0..1: the subject rendered along the motion), ``subject`` (a description), ``motion`` (the family) and
+        the exact part index of every pixel, ``parts`` ``[F,H,W]`` and ``key_parts`` ``[H,W]`` (for the drift
+        metric).
     """
     if motion is not None:
         check_choice(motion, MOTIONS, "motion")
@@ -64,7 +66,8 @@ def demo_scene(frames: int = DEMO_FRAMES, subject: int = 0, motion: str | None =
     truth = render_video(outfit, random_motion(motion_seed, frames, kind), height, width)
     key = render_video(outfit, neutral_pose()[None], height, width)
     return {"key_frame": (key.frames[0] * 255).round().to(torch.uint8), "key_uv": key.uv[0], "uv": truth.uv,
-            "truth": truth.frames, "subject": f"test subject {subject} (outfit seed {outfit_seed})", "motion": kind}
+            "truth": truth.frames, "subject": f"test subject {subject} (outfit seed {outfit_seed})", "motion": kind,
+            "parts": truth.parts, "key_parts": key.parts[0]}
 
 
 def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, steps: int = DEMO_FINETUNE_STEPS,
@@ -104,6 +107,7 @@ def demo_test_scenes(count: int, frames: int = DEMO_FRAMES, height: int = DEMO_H
     scenes = []
     for subject in range(count):
         s = demo_scene(frames, subject, None, height, width)
-        scenes.append(Scene(f"test {subject} ({s['motion']})", s["key_frame"], s["key_uv"], s["uv"], s["truth"]))
+        scenes.append(Scene(f"test {subject} ({s['motion']})", s["key_frame"], s["key_uv"], s["uv"], s["truth"],
+                            s["parts"], s["key_parts"]))
     return scenes
 

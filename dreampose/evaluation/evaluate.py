@@ -66,10 +66,12 @@ PAPER_TABLE2 = {
 }
 # metric → which way is better, for the ordering verdict
 DIRECTIONS = {"l1": "lower", "ssim": "higher", "vgg": "lower", "lpips": "lower", "pose_iou": "higher",
-              "flicker_ratio": "closer to 1", "fid": "lower", "fvd": "lower"}
+              "flicker_ratio": "closer to 1", "fid": "lower", "fvd": "lower", "drift": "lower", "key_drift": "lower"}
 COLUMNS = (("l1", "L1↓"), ("ssim", "SSIM↑"), ("vgg", "VGG↓"), ("lpips", "LPIPS↓"), ("pose_iou", "pose IoU↑"),
            ("shuffled_pose_iou", "shuffled-pose IoU"), ("flicker_ratio", "flicker ratio (→1)"),
-           ("fid", "FID↓"), ("fvd", "FVD↓"))
+           ("drift", "drift↓"), ("key_drift", "key drift↓"), ("fid", "FID↓"), ("fvd", "FVD↓"))
+DRIFTS = (("drift", "consecutive"), ("key_drift", "key"))   # result key, appearance_drift's part
+NO_SURFACE = "needs the exact body-surface coordinates of every pixel: synthetic-world videos only"
 PER_FRAME = ("l1", "ssim", "vgg", "lpips", "pose_iou", "shuffled_pose_iou")
 TIE_RTOL = 1e-9
 SHEET_COLUMNS = 12
@@ -114,6 +116,7 @@ class _Accumulator:
     counts: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     flicker: list = field(default_factory=lambda: [0.0, 0.0, 0])
+    drift: dict = field(default_factory=lambda: {name: [0.0, 0.0, 0] for name, _ in DRIFTS})
     inception: list = field(default_factory=lambda: ([], []))
     i3d: list = field(default_factory=lambda: ([], []))
 
@@ -364,9 +367,22 @@ def _segments(count: int, key: int) -> list[range]:
     return [r for r in (range(key), range(key + 1, count)) if len(r)]
 
 
+def world_parts(plan: VideoPlan, uv: torch.Tensor) -> torch.Tensor | None:
+    """The exact part index ``[F,H,W]`` of a synthetic-world video's frames in use (rendered again from its
+    marker), or None when the folder is not the world's or its UV is not the rendering's."""
+    try:
+        truth = world.rendered_truth(plan.video.info())
+    except (OSError, ValueError, DreamPoseError):
+        return None
+    if truth is None or truth.uv.shape[0] < plan.count or not torch.equal(truth.uv[:plan.count], uv):
+        return None
+    return truth.parts[:plan.count]
+
+
 def video_metrics(pred: torch.Tensor, gt_u8: torch.Tensor, uv: torch.Tensor, key: int, nets: M.FeatureNets,
-                  acc: _Accumulator, shuffle_seed: int = 0) -> dict:
-    """Metrics of one video, the key frame left out; adds to ``acc`` for the overall numbers."""
+                  acc: _Accumulator, shuffle_seed: int = 0, parts: torch.Tensor | None = None) -> dict:
+    """Metrics of one video, the key frame left out; adds to ``acc`` for the overall numbers. ``parts``: the
+    exact part index of every pixel (synthetic world), for the appearance drift."""
     gt = gt_u8.float() / 255
     if pred.shape[-2:] != gt.shape[-2:]:
         pred = F.interpolate(pred, gt.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
@@ -398,6 +414,22 @@ def video_metrics(pred: torch.Tensor, gt_u8: torch.Tensor, uv: torch.Tensor, key
         acc.flicker[0] += fl["generated"] * fl["pairs"]
         acc.flicker[1] += fl["ground_truth"] * fl["pairs"]
         acc.flicker[2] += fl["pairs"]
+    # appearance drift on exact correspondences: consecutive pairs as the flicker, and the key frame (the
+    # input photo) against every other frame
+    if parts is None:
+        for name, _ in DRIFTS:
+            out[name] = M.skipped(name, NO_SURFACE)
+    else:
+        drift = M.appearance_drift(pred, gt, parts, uv, key_frame=gt[key], key_parts=parts[key], key_uv=uv[key],
+                                   pairs=pairs, key_pairs=keep)
+        out["appearance_drift"] = drift
+        for name, part in DRIFTS:
+            d = drift[part]
+            out[name] = d["generated"]
+            if d["pairs"]:
+                acc.drift[name][0] += d["generated"] * d["pairs"]
+                acc.drift[name][1] += d["ground_truth"] * d["pairs"]
+                acc.drift[name][2] += d["pairs"]
     if nets.inception is not None:
         acc.inception[0].append(M.inception_features(p, nets.inception))
         acc.inception[1].append(M.inception_features(g, nets.inception))
@@ -424,6 +456,10 @@ def overall_metrics(acc: _Accumulator, nets: M.FeatureNets) -> dict:
                       "pairs": pairs}
     out["flicker_ratio"] = (gen / real) if pairs and real > 0 else None
     out["flicker"]["ratio"] = out["flicker_ratio"]
+    for name, _ in DRIFTS:
+        gen, real, pairs = acc.drift[name]
+        out[name] = gen / pairs if pairs else M.skipped(name, NO_SURFACE)
+        out[name + "_floor"] = real / pairs if pairs else None
     if nets.inception is None:
         out["fid"] = nets.skipped["fid"]
     else:
@@ -492,6 +528,7 @@ def evaluate(variants: list[Variant], videos: list[VideoPlan], settings: EvalSet
         for plan in videos:
             frames_u8, uv = load_video(plan)
             key_u8, key_uv = frames_u8[plan.key], uv[plan.key]
+            parts = world_parts(plan, uv)
             cache = {}
             # rows without a VAE finetune first: they reuse the UNet finetune before a VAE one is added
             for v in sorted(group, key=lambda v: v.vae_finetune_steps):
@@ -506,7 +543,8 @@ def evaluate(variants: list[Variant], videos: list[VideoPlan], settings: EvalSet
                 del tuned
                 record = {"frames": plan.count, "key_frame": plan.key, "size": [plan.width, plan.height],
                           "ran": ran}
-                record.update(video_metrics(pred, frames_u8, uv, plan.key, nets, row["_acc"], settings.shuffle_seed))
+                record.update(video_metrics(pred, frames_u8, uv, plan.key, nets, row["_acc"], settings.shuffle_seed,
+                                            parts))
                 row["videos"][plan.name] = record
                 if settings.save_frames and out:
                     _save_frames(out, v.row, plan, pred, frames_u8)
@@ -601,10 +639,11 @@ def _fmt(value) -> str:
 
 
 def _columns(rows: dict) -> list[tuple[str, str]]:
-    """All columns, FID/FVD only when some row computed them."""
+    """All columns, FID/FVD and the drifts only when some row computed them."""
     cols = []
     for key, title in COLUMNS:
-        if key in ("fid", "fvd") and all(isinstance(r["overall"].get(key), str) for r in rows.values()):
+        optional = key in ("fid", "fvd", "drift", "key_drift")
+        if optional and all(isinstance(r["overall"].get(key), str) for r in rows.values()):
             continue
         cols.append((key, title))
     return cols

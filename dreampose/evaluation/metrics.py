@@ -24,6 +24,10 @@ Definitions (precise, because published numbers depend on them):
 * ``fid``: Fréchet distance between Gaussians fitted to 2048-d pool features of torchvision's
   Inception v3 (ImageNet weights; inputs resized to 299×299). That is NOT the TF-FID network the
   published FIDs use: values are only comparable between runs of this code.
+* ``drift``: appearance drift on exact correspondences (synthetic world only, where every pixel's
+  body-surface point is known): the surface is cut into cells of (part, U, V) (16 bins per chart axis),
+  each frame's mean colour per cell is taken, and two frames' mean |colour difference| over the cells
+  both show is their drift; the same on the true frames is the floor (:func:`appearance_drift`).
 * ``fvd``: Fréchet distance of I3D features of 16-frame clips, with a user-supplied TorchScript I3D
   (e.g. StyleGAN-V's ``i3d_torchscript.pt``) called as
   ``net(x, rescale=False, resize=False, return_features=True)`` on ``x`` ``[N,3,16,224,224]`` in
@@ -198,6 +202,88 @@ def flicker(pred: torch.Tensor, gt: torch.Tensor, pairs: torch.Tensor | list[int
     gen, real = float(dp.mean()), float(dg.mean())
     return {"generated": gen, "ground_truth": real, "ratio": gen / real if real > 0 else None,
             "pairs": int(dp.numel())}
+
+
+DRIFT_BINS = 16   # cells per chart axis: a body-surface cell is (part, U bin, V bin)
+
+
+def surface_cells(parts: torch.Tensor, uv: torch.Tensor, bins: int = DRIFT_BINS) -> torch.Tensor:
+    """The body-surface cell of every pixel, ``[F,H,W]`` int64 from the exact part index ``[F,H,W]``
+    (0 = background) and UV ``[F,2,H,W]``: ``(part − 1)·bins² + U bin·bins + V bin``, −1 off the body."""
+    if parts.shape != uv[..., 0, :, :].shape or uv.shape[-3] != 2:
+        raise DreamPoseError(f"parts {tuple(parts.shape)} and UV {tuple(uv.shape)} do not describe the same frames")
+    ub = (uv[..., 0, :, :] * bins).long().clamp(0, bins - 1)
+    vb = (uv[..., 1, :, :] * bins).long().clamp(0, bins - 1)
+    cells = (parts.long() - 1) * bins * bins + ub * bins + vb
+    return torch.where(parts > 0, cells, torch.full_like(cells, -1))
+
+
+def cell_colours(frames: torch.Tensor, cells: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean colour of each surface cell per frame: ``([F,count,3]`` float64, ``[F,count]`` pixel counts)."""
+    x = _frames(frames, "frames").permute(0, 2, 3, 1).reshape(frames.shape[0], -1, 3)
+    c = cells.reshape(cells.shape[0], -1)
+    on = c >= 0
+    sums = x.new_zeros(x.shape[0], count, 3)
+    counts = x.new_zeros(x.shape[0], count)
+    for f in range(x.shape[0]):
+        sums[f].index_add_(0, c[f][on[f]], x[f][on[f]])
+        counts[f].index_add_(0, c[f][on[f]], torch.ones_like(c[f][on[f]], dtype=x.dtype))
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts
+
+
+def colour_drift(colours_a: torch.Tensor, counts_a: torch.Tensor, colours_b: torch.Tensor,
+                 counts_b: torch.Tensor) -> float | None:
+    """Mean over the surface cells seen in both frames of the mean |colour difference| over channels;
+    None when the frames share no cell."""
+    shared = (counts_a > 0) & (counts_b > 0)
+    if not bool(shared.any()):
+        return None
+    return float((colours_a - colours_b).abs().mean(-1)[shared].mean())
+
+
+def appearance_drift(pred: torch.Tensor, gt: torch.Tensor, parts: torch.Tensor, uv: torch.Tensor, *,
+                     key_frame: torch.Tensor | None = None, key_parts: torch.Tensor | None = None,
+                     key_uv: torch.Tensor | None = None, pairs: list[int] | None = None,
+                     key_pairs: list[int] | None = None, bins: int = DRIFT_BINS) -> dict:
+    """How much the colour of the same body-surface point changes between frames, on exact correspondences.
+
+    A pixel's surface point is its ground-truth (part, U, V), binned into cells (:func:`surface_cells`).
+    For two frames, the colour of every cell both show is compared (the cell's mean colour in each), and the
+    differences are averaged. ``consecutive``: frames t and t+1 (``pairs``: the t to use, default all);
+    ``key``: the subject photo (``key_frame`` ``[3,H,W]`` 0..1 with its parts and UV) against every frame
+    (``key_pairs``: the frames to use).
+    Each gives ``generated`` (the colours of ``pred``) and ``ground_truth`` (of ``gt``: the floor the
+    binning leaves, since a cell is not a point) and ``excess`` = generated − ground truth; None where no
+    pair shares a cell.
+    """
+    pred, gt = _pair(pred, gt)
+    count = int(parts.max().clamp_min(1)) * bins * bins
+    if key_parts is not None:
+        count = max(count, int(key_parts.max().clamp_min(1)) * bins * bins)
+    cells = surface_cells(parts, uv, bins)
+    gen, gen_n = cell_colours(pred, cells, count)
+    real, real_n = cell_colours(gt, cells, count)
+    steps = range(pred.shape[0] - 1) if pairs is None else pairs
+
+    def summary(values_gen, values_real) -> dict:
+        both = [(a, b) for a, b in zip(values_gen, values_real) if a is not None and b is not None]
+        if not both:
+            return {"generated": None, "ground_truth": None, "excess": None, "pairs": 0}
+        g = sum(a for a, _ in both) / len(both)
+        r = sum(b for _, b in both) / len(both)
+        return {"generated": g, "ground_truth": r, "excess": g - r, "pairs": len(both)}
+
+    out = {"consecutive": summary([colour_drift(gen[t], gen_n[t], gen[t + 1], gen_n[t + 1]) for t in steps],
+                                  [colour_drift(real[t], real_n[t], real[t + 1], real_n[t + 1]) for t in steps])}
+    if key_frame is not None:
+        if key_parts is None or key_uv is None:
+            raise DreamPoseError("the key frame's drift needs its parts and UV too")
+        key, key_n = cell_colours(key_frame.unsqueeze(0), surface_cells(key_parts.unsqueeze(0),
+                                                                         key_uv.unsqueeze(0), bins), count)
+        later = range(pred.shape[0]) if key_pairs is None else key_pairs
+        out["key"] = summary([colour_drift(key[0], key_n[0], gen[t], gen_n[t]) for t in later],
+                             [colour_drift(key[0], key_n[0], real[t], real_n[t]) for t in later])
+    return out
 
 
 # --------------------------------------------------------------------------------------------- Fréchet

@@ -23,13 +23,18 @@ import torch
 from ..data.world import body_mask, silhouette
 from ..errors import DreamPoseError
 from ..pipeline.animate import generate, prepare
+from ..pipeline.poses import make_pose_windows, smooth_uv
 from ..pipeline.sampling import SampleStats
 from ..settings import FinetuneSettings, SamplingOptions, vae_settings
 from ..training.finetune import finetune_subject, finetune_vae_decoder
 from . import metrics as M
 
 METRICS = ("l1", "ssim", "pose_iou", "flicker_ratio")
-BETTER = {"l1": "lower", "ssim": "higher", "pose_iou": "higher", "flicker_ratio": "closer to 1"}
+DRIFT_METRICS = ("drift", "key_drift")         # scenes with the exact part index of every pixel
+BETTER = {"l1": "lower", "ssim": "higher", "pose_iou": "higher", "flicker_ratio": "closer to 1", "drift": "lower",
+          "key_drift": "lower"}
+TITLES = {"l1": "L1 ↓", "ssim": "SSIM ↑", "pose_iou": "pose IoU ↑", "flicker_ratio": "flicker ratio (→1)",
+          "drift": "drift ↓", "key_drift": "key drift ↓"}
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,17 @@ class SweepRow:
     guidance_start: float = 0.0
     guidance_end: float = 1.0
     sensitivity: bool = False      # expected to be worse: shows the benchmark tells settings apart
+    reference_attention: float = 0.0
+    cross_frame_attention: float = 0.0
+    cross_frame_anchor: str = "first"
+    uv_smoothing: int = 0
 
     def options(self, base: SamplingOptions, seed: int) -> SamplingOptions:
         return base.replace(sampler=self.sampler, steps=self.steps, s_image=self.s_image, s_pose=self.s_pose,
-                            guidance_start=self.guidance_start, guidance_end=self.guidance_end, seed=seed).check()
+                            guidance_start=self.guidance_start, guidance_end=self.guidance_end, seed=seed,
+                            reference_attention=self.reference_attention,
+                            cross_frame_attention=self.cross_frame_attention,
+                            cross_frame_anchor=self.cross_frame_anchor, uv_smoothing=self.uv_smoothing).check()
 
 
 @dataclass(frozen=True)
@@ -57,8 +69,15 @@ class Scene:
     name: str
     key_frame: torch.Tensor   # [3,H,W] uint8
     key_uv: torch.Tensor      # [2,H,W]
-    uv: torch.Tensor          # [F,2,H,W]
+    uv: torch.Tensor          # [F,2,H,W] the driving DensePose (jittered, for a degraded scene)
     truth: torch.Tensor       # [F,3,H,W] 0..1
+    parts: torch.Tensor | None = None       # [F,H,W] exact part index of the truth's pixels (for the drift)
+    key_parts: torch.Tensor | None = None   # [H,W] the key frame's
+    true_uv: torch.Tensor | None = None     # [F,2,H,W] the truth's exact UV when ``uv`` is degraded; else ``uv``
+
+    @property
+    def exact_uv(self) -> torch.Tensor:
+        return self.uv if self.true_uv is None else self.true_uv
 
 
 @dataclass(frozen=True)
@@ -86,9 +105,16 @@ class Finetune:
 def score(frames: torch.Tensor, scene: Scene) -> dict:
     """Metrics of generated frames ``[F,3,H,W]`` against the scene's truth: means over frames."""
     masks = silhouette(frames)
-    return {"l1": float(M.l1(frames, scene.truth).mean()), "ssim": float(M.ssim(frames, scene.truth).mean()),
-            "pose_iou": M.pose_alignment(masks, body_mask(scene.uv))["iou"],
-            "flicker_ratio": M.flicker(frames, scene.truth)["ratio"]}
+    out = {"l1": float(M.l1(frames, scene.truth).mean()), "ssim": float(M.ssim(frames, scene.truth).mean()),
+           "pose_iou": M.pose_alignment(masks, body_mask(scene.exact_uv))["iou"],
+           "flicker_ratio": M.flicker(frames, scene.truth)["ratio"]}
+    if scene.parts is not None:
+        drift = M.appearance_drift(frames, scene.truth, scene.parts, scene.exact_uv,
+                                   key_frame=scene.key_frame.float() / 255, key_parts=scene.key_parts,
+                                   key_uv=scene.key_uv)
+        out["drift"], out["key_drift"] = drift["consecutive"]["generated"], drift["key"]["generated"]
+        out["drift_floor"], out["key_drift_floor"] = drift["consecutive"]["ground_truth"], drift["key"]["ground_truth"]
+    return out
 
 
 def run_sweep(model, scenes: list[Scene], rows: list[SweepRow], seeds: list[int], base: SamplingOptions, *,
@@ -100,7 +126,9 @@ def run_sweep(model, scenes: list[Scene], rows: list[SweepRow], seeds: list[int]
     for row in rows:
         row.options(base, seeds[0])          # every row valid before any work
     log = log or (lambda msg: None)
-    acc = {(r.name, s): {"frames": 0, "evaluations": 0, "seconds": 0.0, **{m: 0.0 for m in METRICS}}
+    names = METRICS + (DRIFT_METRICS + ("drift_floor", "key_drift_floor")
+                       if all(sc.parts is not None for sc in scenes) else ())
+    acc = {(r.name, s): {"frames": 0, "evaluations": 0, "seconds": 0.0, **{m: 0.0 for m in names}}
            for r in rows for s in seeds}
     finetune_s = 0.0
     for scene in scenes:
@@ -118,18 +146,24 @@ def run_sweep(model, scenes: list[Scene], rows: list[SweepRow], seeds: list[int]
             generator = torch.Generator().manual_seed(seed)
             cond, poses = prepare(tuned, scene.key_frame, scene.uv, sized, generator=generator)
             after_encode = generator.get_state()
+            windows = {0: poses}       # per UV smoothing radius
             for row in rows:
                 options = row.options(sized, seed)
+                if row.uv_smoothing not in windows:
+                    windows[row.uv_smoothing] = make_pose_windows(smooth_uv(scene.uv, row.uv_smoothing), height,
+                                                                  width)
                 stats = SampleStats()
                 frames = torch.empty(count, 3, height, width)
                 generator.set_state(after_encode)
                 t0 = time.perf_counter()
-                for chunk in generate(tuned, cond, poses, options, generator=generator, stats=stats):
+                for chunk in generate(tuned, cond, windows[row.uv_smoothing], options, generator=generator,
+                                      stats=stats):
                     frames[chunk.frames] = chunk.images.permute(0, 3, 1, 2)
                 seconds = time.perf_counter() - t0
                 a = acc[(row.name, seed)]
                 for name, value in score(frames, scene).items():
-                    a[name] += value * count
+                    if name in a:
+                        a[name] += value * count
                 a["frames"] += count
                 a["evaluations"] += stats.image_evaluations
                 a["seconds"] += seconds
@@ -140,7 +174,7 @@ def run_sweep(model, scenes: list[Scene], rows: list[SweepRow], seeds: list[int]
     for (name, seed), a in acc.items():
         n = a["frames"]
         runs.append({"row": name, "seed": seed, "frames": n, "evals_per_frame": a["evaluations"] / n,
-                     "s_per_frame": a["seconds"] / n, **{m: a[m] / n for m in METRICS}})
+                     "s_per_frame": a["seconds"] / n, **{m: a[m] / n for m in names}})
     return {"rows": [asdict(r) for r in rows], "seeds": list(seeds), "scenes": [s.name for s in scenes],
             "finetune": asdict(finetune) if finetune else None, "finetune_s": finetune_s, "runs": runs}
 
@@ -151,8 +185,8 @@ def summarise(result: dict) -> list[dict]:
     for row in result["rows"]:
         runs = [r for r in result["runs"] if r["row"] == row["name"]]
         entry = {"row": row["name"], "sensitivity": row["sensitivity"], "seeds": len(runs)}
-        for key in ("evals_per_frame", "s_per_frame", *METRICS):
-            values = [r[key] for r in runs if r[key] is not None]
+        for key in ("evals_per_frame", "s_per_frame", *METRICS, *DRIFT_METRICS, "drift_floor", "key_drift_floor"):
+            values = [r[key] for r in runs if r.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
         out.append(entry)
@@ -164,7 +198,7 @@ def within_noise(entry: dict, reference: dict, metric: str, factor: float = 2.0)
     the larger of the two seed spreads (a metric that got better always passes)."""
     a, b = entry[metric], reference[metric]
     noise = factor * max(entry[metric + "_sd"], reference[metric + "_sd"])
-    if metric == "l1":
+    if metric in ("l1", "drift", "key_drift"):
         return a <= b + noise
     if metric == "flicker_ratio":
         return abs(a - 1) <= abs(b - 1) + noise
@@ -174,12 +208,13 @@ def within_noise(entry: dict, reference: dict, metric: str, factor: float = 2.0)
 def markdown_table(summary: list[dict], reference: str | None = None) -> str:
     """The table: one line per row, ``mean ± sd`` over seeds; ``reference`` marks rows within noise of it."""
     ref = next((e for e in summary if e["row"] == reference), None)
-    head = "| setting | image evals/frame | s/frame | L1 ↓ | SSIM ↑ | pose IoU ↑ | flicker ratio (→1) |"
-    lines = [head + (" within noise of the reference |" if ref else ""), "|---" * (7 + bool(ref)) + "|"]
+    shown = METRICS + (DRIFT_METRICS if any(e.get("drift") is not None for e in summary) else ())
+    head = "| setting | image evals/frame | s/frame | " + " | ".join(TITLES[m] for m in shown) + " |"
+    lines = [head + (" within noise of the reference |" if ref else ""), "|---" * (3 + len(shown) + bool(ref)) + "|"]
     for e in summary:
         cells = [f"{e['row']}{' (sensitivity)' if e['sensitivity'] else ''}", f"{e['evals_per_frame']:g}",
                  f"{e['s_per_frame']:.3f}"]
-        cells += [f"{e[m]:.4f} ± {e[m + '_sd']:.4f}" if e[m] is not None else "n/a" for m in METRICS]
+        cells += [f"{e[m]:.4f} ± {e[m + '_sd']:.4f}" if e.get(m) is not None else "n/a" for m in shown]
         if ref:
             ok = [m for m in METRICS if e[m] is not None and ref[m] is not None and within_noise(e, ref, m)]
             cells.append("all" if len(ok) == len(METRICS) else ("no: " + ", ".join(m for m in METRICS

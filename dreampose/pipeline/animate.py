@@ -19,7 +19,7 @@ import torch
 
 from ..settings import WINDOW_OFFSETS, SamplingOptions
 from .conditioning import ImageCondition, encode_image_condition
-from .poses import PoseWindows, make_pose_windows
+from .poses import PoseWindows, make_pose_windows, smooth_uv
 from .sampling import SampleStats, StepCallback, decode, denoise, stretch_frames
 
 
@@ -45,9 +45,10 @@ def prepare(model, image: torch.Tensor, uv: torch.Tensor, options: SamplingOptio
             generator: torch.Generator | None = None, offsets: tuple[int, ...] = WINDOW_OFFSETS,
             frames: slice | None = None) -> tuple[ImageCondition, PoseWindows]:
     """Steps 1 and 2: the subject's condition (drawing from ``generator``) and the pose windows (of the
-    ``frames`` range only, each window still filled from the whole sequence: :meth:`PoseWindows.select`)."""
+    ``frames`` range only, each window still filled from the whole sequence: :meth:`PoseWindows.select`),
+    from the UV smoothed over time first when ``options.uv_smoothing`` asks (the whole sequence)."""
     options.check()
-    windows = make_pose_windows(uv, options.height, options.width, offsets)
+    windows = make_pose_windows(smooth_uv(uv, options.uv_smoothing), options.height, options.width, offsets)
     if frames is not None:
         windows = windows.select(frames)        # checked before the encoders run
     cond = encode_image_condition(model, image, latent_mode=options.conditioning_latent, generator=generator)

@@ -70,6 +70,9 @@ class DualCFGDenoiser:
         self.model_in[n:2 * n, LATENT_CHANNELS:] = pose.to(self.device, self.dtype)
         self.calls = 0
         self.evaluations = 0   # image evaluations: frames × branches, summed over calls
+        # lead(branches, t) → (model_in, hidden) rows to put before the frames in the same UNet call (their
+        # output is dropped): the sources of shared attention (pipeline/consistency.py); None: none
+        self.lead = None
 
     def inputs(self, branches: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The UNet's input and cross-attention states for ``branches`` (indices into the batch layout;
@@ -83,15 +86,23 @@ class DualCFGDenoiser:
         rows = torch.cat([torch.arange(b * n, (b + 1) * n) for b in branches]).to(self.device)
         return self.model_in[rows], self.hidden[rows]
 
+    def branches_at(self, timestep) -> list[int]:
+        """The branches (indices into the batch layout) a call at ``timestep`` evaluates."""
+        return self.branches if guided_at(timestep, *self.interval) else [1]
+
     def _run(self, branches: list[int], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The UNet on ``branches`` (indices into the batch layout) for latents ``x``: ``[len·n,4,h,w]``."""
         n = self.frames
         model_in, hidden = self.inputs(branches)
         for i in range(len(branches)):
             model_in[i * n:(i + 1) * n, :LATENT_CHANNELS] = x
+        lead = self.lead(branches, t) if self.lead is not None else None
+        if lead is not None:
+            model_in, hidden = torch.cat([lead[0], model_in]), torch.cat([lead[1], hidden])
         self.calls += 1
-        self.evaluations += len(branches) * n
-        return self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden).sample.float()
+        self.evaluations += model_in.shape[0]
+        out = self.unet(model_in, t.to(self.device), encoder_hidden_states=hidden).sample.float()
+        return out if lead is None else out[lead[0].shape[0]:]
 
     def __call__(self, latents: torch.Tensor, timestep) -> torch.Tensor:
         """``latents`` [n,4,h,w] (already scaled by the scheduler) → guided ε [n,4,h,w]."""

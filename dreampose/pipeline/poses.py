@@ -187,6 +187,44 @@ def save_uv_folder(folder: str, uv: torch.Tensor, start: int = 0, overwrite: boo
     return paths
 
 
+UV_SMOOTH_TOLERANCE = 0.1   # a neighbour frame's U or V further than this from the frame's own is another part
+
+
+def smooth_uv(uv: torch.Tensor, radius: int, tolerance: float = UV_SMOOTH_TOLERANCE) -> torch.Tensor:
+    """A temporal filter of a DensePose UV sequence ``[F,2,H,W]`` over ±``radius`` frames, against the
+    frame-to-frame jitter of DensePose estimates. Returns a new tensor; ``radius`` 0 returns ``uv`` itself.
+
+    Per pixel: the body mask is the majority of the window (a tie keeps the frame's own), so a silhouette
+    edge that flickers for a frame settles while one moving steadily through the window stays where the
+    frame has it. The U and V of a pixel on the body are the mean over the window's frames that show the
+    *same part* there, that is whose U and V both lie within ``tolerance`` of the frame's own (a pixel the
+    majority puts on the body while the frame does not: of the window's median): a limb passing in front of
+    another, a part appearing or leaving, never mixes charts. A static sequence comes back unchanged.
+    """
+    uv = check_uv(uv)
+    if radius < 0:
+        raise DreamPoseError(f"the UV smoothing radius is a number of frames ≥ 0, got {radius}")
+    if radius == 0 or uv.shape[0] == 1:
+        return uv
+    count = uv.shape[0]
+    on = (uv != 0).any(1)                                             # [F,H,W]
+    out = torch.zeros_like(uv)
+    for t in range(count):
+        lo, hi = max(0, t - radius), min(count, t + radius + 1)
+        window, mask = uv[lo:hi], on[lo:hi]                           # [k,2,H,W], [k,H,W]
+        votes, size = mask.sum(0), hi - lo
+        body = torch.where(2 * votes == size, on[t], 2 * votes > size)
+        held = torch.where(mask.unsqueeze(1), window, torch.full_like(window, float("nan")))
+        median = held.nanmedian(dim=0).values.nan_to_num(0.0)
+        ref = torch.where(on[t].unsqueeze(0), uv[t], median)          # the frame's own part, where it has one
+        diff = window - ref
+        same = mask & (diff.abs() <= tolerance).all(1)                # [k,H,W]
+        weight = same.to(uv.dtype).unsqueeze(1)
+        mean = ref + (diff * weight).sum(0) / weight.sum(0).clamp_min(1)
+        out[t] = torch.where(body.unsqueeze(0), mean, torch.zeros_like(mean))
+    return out
+
+
 @dataclass
 class PoseWindows:
     """A pose sequence ready for sampling: normalised UV at latent size plus the window table."""

@@ -27,6 +27,8 @@ from ..errors import DreamPoseError
 from ..models.devices import randn
 from ..settings import LATENT_CHANNELS, LATENT_SCALE, VAE_SCALE, SamplingOptions, check_sampler, check_stretch
 from .conditioning import ImageCondition, check_condition_source, vae_latent
+from ..models.attention import SharedAttention, shared_self_attention
+from .consistency import ConsistentDenoiser, consistency_sources
 from .guidance import DualCFGDenoiser
 from .images import condition_frame, resize_u8, to_minus1_1
 from .poses import PoseWindows
@@ -80,12 +82,13 @@ def start_components(model, cond: ImageCondition, options: SamplingOptions, *,
 
 
 def key_frame_latent(vae, image: torch.Tensor, height: int, width: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, latent_mode: str = "sample") -> torch.Tensor:
     """The official start's latent: the key frame as the condition sees it (:func:`condition_frame`;
     a condition's own ``key_frame`` already is), resized to the output size, a VAE posterior sample
-    (SD-scaled, float32, ``[1,4,height/8,width/8]``) drawn from ``generator``."""
+    (SD-scaled, float32, ``[1,4,height/8,width/8]``) drawn from ``generator`` (``latent_mode`` "mode": the
+    posterior mean, no draw)."""
     key = to_minus1_1(resize_u8(condition_frame(image), height, width))
-    return vae_latent(vae, key, "sample", generator).float()
+    return vae_latent(vae, key, latent_mode, generator).float()
 
 
 def start_latents(model, cond: ImageCondition, scheduler, options: SamplingOptions, num_frames: int = 1, *,
@@ -106,6 +109,11 @@ def compose_start(scheduler, key_latent: torch.Tensor | None, noise: torch.Tenso
     if key_latent is not None:
         return scheduler.add_noise(key_latent, noise, scheduler.timesteps[:1].to(noise.device))
     return noise * scheduler.init_noise_sigma
+
+
+def denoiser_of(denoiser) -> DualCFGDenoiser:
+    """The dual-guidance denoiser itself, under a :class:`ConsistentDenoiser` if there is one."""
+    return getattr(denoiser, "denoiser", denoiser)
 
 
 def check_latents(latents: torch.Tensor, poses: PoseWindows) -> torch.Tensor:
@@ -154,15 +162,36 @@ def denoise(model, cond: ImageCondition, poses: PoseWindows, options: SamplingOp
     """
     check_run(poses, options)
     check_condition_source(model, cond)   # the convention may be chosen per call (parity runs): not checked
+    sources = consistency_sources(options)
+    if sources:
+        shared = SharedAttention(sources)
+        with shared_self_attention(model.unet, shared):
+            yield from _denoise(model, cond, poses, options, generator, latents, callback, stats, shared)
+    else:
+        yield from _denoise(model, cond, poses, options, generator, latents, callback, stats, None)
+
+
+def _denoise(model, cond, poses, options, generator, latents, callback, stats, shared):
+    """:func:`denoise`'s loop; ``shared``: the shared self-attention routed through the UNet, or None."""
     t0 = time.perf_counter()
     device = next(model.unet.parameters()).device
     scheduler = make_scheduler(options.sampler, model.scheduler_config)
     scheduler.set_timesteps(options.steps, device=device)
     total, per_call = len(poses), options.frames_per_batch
+    noise = reference = anchor = None
     if latents is None:
-        x_start = start_latents(model, cond, scheduler, options, generator=generator, device=device)
+        key_latent, noise = start_components(model, cond, options, generator=generator, device=device)
+        x_start = compose_start(scheduler, key_latent, noise).expand(1, -1, -1, -1).clone()
     else:
         x_start = check_latents(latents, poses)[:latents.shape[0]].to(device)
+        key_latent = None
+    if shared is not None:
+        if noise is None:     # injected x_T: the record rows get a noise of their own, from the seed
+            shape = (1, LATENT_CHANNELS, options.height // LATENT_SCALE, options.width // LATENT_SCALE)
+            noise = randn(shape, torch.Generator().manual_seed(options.seed), device)
+        if "reference" in shared.sources:
+            reference = key_latent if key_latent is not None else key_frame_latent(
+                model.vae, cond.key_frame, options.height, options.width, latent_mode="mode").to(device)
     if stats is not None:
         stats.init_latents = x_start.expand(total, -1, -1, -1)
     cond_dev = cond.to(device)
@@ -174,6 +203,8 @@ def denoise(model, cond: ImageCondition, poses: PoseWindows, options: SamplingOp
                                    options.s_image, options.s_pose, (options.guidance_start, options.guidance_end))
         chunk_sched = make_scheduler(options.sampler, model.scheduler_config)
         chunk_sched.set_timesteps(options.steps, device=device)
+        if shared is not None:
+            denoiser = ConsistentDenoiser(denoiser, shared, chunk_sched, noise, reference=reference, anchor=anchor)
         if x_start.shape[0] == 1:
             x = x_start.expand(frames.stop - frames.start, -1, -1, -1).clone()
         else:
@@ -188,8 +219,14 @@ def denoise(model, cond: ImageCondition, poses: PoseWindows, options: SamplingOp
         if stats is not None:
             stats.unet_calls += denoiser.calls
             stats.image_evaluations += denoiser.evaluations
-            stats.unet_batch = max(stats.unet_batch, len(denoiser.branches) * denoiser.frames)
+            inner = denoiser_of(denoiser)
+            stats.unet_batch = max(stats.unet_batch, len(inner.branches) * inner.frames)
             stats.sample_s += time.perf_counter() - t0
+        if shared is not None and "anchor" in shared.sources:
+            keep = frames.stop - 1 if options.cross_frame_anchor == "previous" else 0
+            if options.cross_frame_anchor == "previous" or anchor is None:
+                anchor = (x[keep - frames.start:keep - frames.start + 1].clone(),
+                          poses.windows([keep]).to(device))
         del denoiser, chunk_sched
         yield frames, x
         t0 = time.perf_counter()
