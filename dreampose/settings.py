@@ -241,8 +241,8 @@ class SamplingOptions:
         group="sampling")
     reference_attention: float = option(
         0.0, "reference attention: every frame's self-attention also attends to the subject photo's features at the "
-             "same step, blended with this weight (0: off, 1: full; default {default:g}; one extra UNet evaluation "
-             "per branch and step for each chunk)", kind="unit", group="consistency")
+             "same step, blended with this weight (0: off, 1: full; default {default:g}; one more UNet row per "
+             "guidance branch in each call)", kind="unit", group="consistency")
     cross_frame_attention: float = option(
         0.0, "cross-frame attention: every frame's self-attention also attends to an anchor frame's, blended with this "
              "weight (0: off; default {default:g})", kind="unit", group="consistency")

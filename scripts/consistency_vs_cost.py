@@ -8,11 +8,11 @@ UNet call, so a 16-frame video is 4 chunks): the paper's method (every option of
 alone and combined. Scored: appearance drift on exact correspondences (consecutive frames, and the key frame
 against every frame; the true frames' own drift is the floor), the flicker ratio, L1, SSIM, pose IoU, and the
 cost in image evaluations and seconds per frame. ``--jitter``: the driving DensePose is degraded as an
-estimator's would be (each frame moved by up to 1 px, UV noise of std 0.03), the metrics still against the
-clean truth, with the UV-smoothing rows.
+estimator's would be (each frame moved by up to ``--shift`` px, UV noise of std ``--noise``), the metrics
+still against the clean truth, with the UV-smoothing rows.
 
 Writes ``sweep.json`` and ``table.md`` to ``--out``; ``--record`` keeps the result in a JSON file (under
-``clean``/``jitter``, ``_finetune`` added with ``--finetune``).
+``clean`` / ``jitter_<shift>px_<noise>``, ``_finetune`` added with ``--finetune``).
 """
 from __future__ import annotations
 
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=4, help="test-split subjects (videos)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--jitter", action="store_true", help="degrade the driving DensePose (the truth stays clean)")
+    p.add_argument("--shift", type=int, default=1, help="--jitter: largest shift of a frame in pixels (default 1)")
+    p.add_argument("--noise", type=float, default=0.03, help="--jitter: std of the UV noise (default 0.03)")
+    p.add_argument("--rows", choices=("all", "smoothing"), default="all", help="smoothing: only the UV rows")
     p.add_argument("--finetune", action="store_true", help="the demo's subject finetune (100 + 100 steps, lr 1e-4)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--force", action="store_true", help="replace sweep.json / table.md from an earlier run")
@@ -83,22 +86,25 @@ def main(argv=None) -> int:
         return 1
     scenes = demo_test_scenes(args.subjects, args.frames, BASE.height, BASE.width)
     if args.jitter:
-        scenes = [replace(s, uv=jitter_uv(s.uv, shift=1, noise=0.03, seed=i), true_uv=s.uv)
+        scenes = [replace(s, uv=jitter_uv(s.uv, shift=args.shift, noise=args.noise, seed=i), true_uv=s.uv)
                   for i, s in enumerate(scenes)]
     rows = JITTER_ROWS if args.jitter else ROWS
+    if args.rows == "smoothing":
+        rows = [r for r in rows if r.name == REFERENCE or r.name.startswith("uv smoothing")]
     model = load_demo_model().place(torch.device("cpu"), torch.float32)
     finetune = Finetune(100, 100, lr=1e-4, vae_lr=1e-4) if args.finetune else None
     t0 = time.perf_counter()
     result = run_sweep(model, scenes, rows, args.seeds, BASE, finetune=finetune, log=lambda m: print(m, flush=True))
     result.update(wall_s=time.perf_counter() - t0, threads=torch.get_num_threads(), base=BASE.to_dict(),
-                  jitter={"shift": 1, "noise": 0.03} if args.jitter else None)
+                  jitter={"shift": args.shift, "noise": args.noise} if args.jitter else None)
     table = markdown_table(summarise(result), REFERENCE)
     os.makedirs(args.out, exist_ok=True)
     write_text_atomic(paths[0], json.dumps(result, indent=1))
     write_text_atomic(paths[1], table)
     if args.record:
         recorded = json.load(open(args.record)) if os.path.exists(args.record) else {}
-        recorded[("jitter" if args.jitter else "clean") + ("_finetune" if args.finetune else "")] = result
+        name = f"jitter_{args.shift}px_{args.noise:g}" if args.jitter else "clean"
+        recorded[name + ("_finetune" if args.finetune else "")] = result
         write_text_atomic(args.record, json.dumps(recorded, indent=1) + "\n")
     print(table)
     print(f"{len(scenes)} videos × {args.frames} frames × {len(args.seeds)} seeds in {result['wall_s']:.0f} s")
