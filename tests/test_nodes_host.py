@@ -34,10 +34,11 @@ INPUT_ORDER = {
                       "subject"],
     "CLIPVAEAdapterEncode": ["model", "image", "conditioning_latent", "seed"],
     "DreamPoseLoadUV": ["folder", "start", "count"],
-    "DensePoseWindow5": ["uv", "width", "height", "first_frame", "frame_count"],
+    "DensePoseWindow5": ["uv", "width", "height", "first_frame", "frame_count", "uv_smoothing"],
     "DualCFGSampler": ["model", "cond", "poses", "s_image", "s_pose", "steps", "sampler", "seed",
                        "frames_per_batch", "start", "stretch", "core_sampler", "scheduler", "core_model",
-                       "guidance_start", "guidance_end", "preset"],
+                       "guidance_start", "guidance_end", "preset", "reference_attention", "cross_frame_attention",
+                       "cross_frame_anchor"],
     "DreamPoseApplyPose": ["image", "null", "poses", "start", "seed", "vae", "key_frame"],
 }
 OUTPUTS = {
