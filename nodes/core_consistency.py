@@ -19,6 +19,7 @@ import comfy.ldm.modules.attention as core_attention
 from comfy.ldm.modules.attention import SpatialTransformer
 
 from ..dreampose.models.attention import SharedAttention
+from ..dreampose.pipeline.consistency import source_rows
 from ..dreampose.settings import VAE_SCALE
 
 
@@ -43,18 +44,10 @@ class CoreSources:
         self.anchor: tuple[torch.Tensor, torch.Tensor] | None = None   # set after the first chunk
         self.inner = None   # a model-function wrapper the MODEL already had: called with the extended batch
 
-    def rows(self) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
-        out = []
-        if "reference" in self.shared.sources:
-            out.append(("reference", self.reference, None))
-        if "anchor" in self.shared.sources and self.anchor is not None:
-            out.append(("anchor", *self.anchor))
-        return out
-
     def wrapper(self, apply_model, args: dict) -> torch.Tensor:
         x, t, c = args["input"], args["timestep"], dict(args["c"])
         groups = len(args["cond_or_uncond"])
-        rows = self.rows()
+        rows = source_rows(self.shared.sources, self.reference, self.anchor)
         self.shared.mode, self.shared.groups = "use", groups
         self.shared.lead_rows = tuple(name for name, _, _ in rows)
         try:

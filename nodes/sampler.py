@@ -21,8 +21,8 @@ from comfy_api.latest import io
 
 from ..dreampose.pipeline.conditioning import check_condition_fits, check_condition_source
 from ..dreampose.models.attention import SharedAttention
-from ..dreampose.pipeline.consistency import consistency_sources
-from ..dreampose.pipeline.sampling import (compose_start, key_frame_latent, make_scheduler, start_components,
+from ..dreampose.pipeline.consistency import anchor_frame, consistency_sources
+from ..dreampose.pipeline.sampling import (compose_start, make_scheduler, reference_latent, start_components,
                                            stretch_frames)
 from ..dreampose.settings import (ANCHORS, DEFAULT_SAMPLING, SAMPLERS, SAMPLING_PRESETS, START_MODES, STRETCH_MODES,
                                   VAE_SCALE, SamplingOptions)
@@ -163,10 +163,8 @@ class DualCFGSampler(io.ComfyNode):
         sources = None
         shared_sources = consistency_sources(options)
         if shared_sources:     # reference / cross-frame attention: core attention patches on a clone of the MODEL
-            reference = None
-            if "reference" in shared_sources:
-                reference = key_latent if key_latent is not None else key_frame_latent(
-                    library_view.vae, cond.key_frame, windows.height, windows.width, latent_mode="mode")
+            reference = (reference_latent(library_view.vae, cond, options, key_latent)
+                         if "reference" in shared_sources else None)
             sources = cc.CoreSources(SharedAttention(shared_sources), noise, reference)
             unet = cc.consistent_model(unet, sources)
 
@@ -202,9 +200,9 @@ class DualCFGSampler(io.ComfyNode):
                                 sigmas=sigmas, noise=noise.expand(n, -1, -1, -1).clone(),
                                 latent_image=start_latent.expand(n, -1, -1, -1).clone(), seed=seed, callback=on_step,
                                 interval=(guidance_start, guidance_end))
-            if sources is not None and (cross_frame_anchor == "previous" or sources.anchor is None):
-                keep = n - 1 if cross_frame_anchor == "previous" else 0
-                sources.anchor = cc.chunk_anchor(z, keep, windows.windows([part.start + keep]))
+            keep = anchor_frame(options, part, sources.anchor is not None) if sources is not None else None
+            if keep is not None and "anchor" in shared_sources:
+                sources.anchor = cc.chunk_anchor(z, keep - part.start, windows.windows([keep]))
             latents[part] = z.to(out)
             frames[part] = model.vae.decode(z).to(out, torch.float32)
             del z

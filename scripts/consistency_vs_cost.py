@@ -17,7 +17,6 @@ Writes ``sweep.json`` and ``table.md`` to ``--out``; ``--record`` keeps the resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,8 +28,9 @@ import torch  # noqa: E402
 
 from dreampose.data.world import jitter_uv  # noqa: E402
 from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
-from dreampose.evaluation.sweep import Finetune, SweepRow, markdown_table, run_sweep, summarise  # noqa: E402
-from dreampose.files.atomic import write_text_atomic  # noqa: E402
+from dreampose.errors import DreamPoseError  # noqa: E402
+from dreampose.evaluation.sweep import (Finetune, SweepRow, markdown_table, result_paths, run_sweep,  # noqa: E402
+                                       summarise, write_results)
 from dreampose.settings import DEMO_SAMPLING  # noqa: E402
 
 REFERENCE = "paper's method"
@@ -80,9 +80,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [os.path.join(args.out, n) for n in ("sweep.json", "table.md")]
-    if not args.force and any(os.path.exists(x) for x in paths):
-        print(f"error: {args.out} already holds a sweep; pass --force to replace it", file=sys.stderr)
+    try:
+        paths = result_paths(args.out, force=args.force)
+    except DreamPoseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     scenes = demo_test_scenes(args.subjects, args.frames, BASE.height, BASE.width)
     if args.jitter:
@@ -98,14 +99,8 @@ def main(argv=None) -> int:
     result.update(wall_s=time.perf_counter() - t0, threads=torch.get_num_threads(), base=BASE.to_dict(),
                   jitter={"shift": args.shift, "noise": args.noise} if args.jitter else None)
     table = markdown_table(summarise(result), REFERENCE)
-    os.makedirs(args.out, exist_ok=True)
-    write_text_atomic(paths[0], json.dumps(result, indent=1))
-    write_text_atomic(paths[1], table)
-    if args.record:
-        recorded = json.load(open(args.record)) if os.path.exists(args.record) else {}
-        name = f"jitter_{args.shift}px_{args.noise:g}" if args.jitter else "clean"
-        recorded[name + ("_finetune" if args.finetune else "")] = result
-        write_text_atomic(args.record, json.dumps(recorded, indent=1) + "\n")
+    name = f"jitter_{args.shift}px_{args.noise:g}" if args.jitter else "clean"
+    write_results(paths, result, table, args.record, name + ("_finetune" if args.finetune else ""))
     print(table)
     print(f"{len(scenes)} videos × {args.frames} frames × {len(args.seeds)} seeds in {result['wall_s']:.0f} s")
     return 0

@@ -8,7 +8,6 @@ Writes ``finetune_cost.json`` and ``table.md`` (mean ± sd over seeds, finetune 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -18,8 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
-from dreampose.evaluation.sweep import METRICS, Finetune, SweepRow, run_sweep, summarise  # noqa: E402
-from dreampose.files.atomic import write_text_atomic  # noqa: E402
+from dreampose.errors import DreamPoseError  # noqa: E402
+from dreampose.evaluation.sweep import (METRICS, Finetune, SweepRow, result_paths, run_sweep, summarise,  # noqa: E402
+                                       write_results)
 from dreampose.settings import DEFAULT_SAMPLING, DEMO_SAMPLING, FinetuneSettings, vae_settings  # noqa: E402
 
 PAPER = Finetune(FinetuneSettings.steps, vae_settings().steps, FinetuneSettings.lr, vae_settings().lr)
@@ -43,9 +43,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [os.path.join(args.out, n) for n in ("finetune_cost.json", "table.md")]
-    if not args.force and any(os.path.exists(x) for x in paths):
-        print(f"error: {args.out} already holds results; pass --force to replace them", file=sys.stderr)
+    try:
+        paths = result_paths(args.out, ("finetune_cost.json", "table.md"), args.force)
+    except DreamPoseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     scenes = demo_test_scenes(args.subjects, args.frames, DEMO_SAMPLING.height, DEMO_SAMPLING.width)
     model = load_demo_model().place(torch.device("cpu"), torch.float32)
@@ -68,9 +69,7 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {steps} | {per:.1f} | " + " | ".join(
             f"{e[m]:.4f} ± {e[m + '_sd']:.4f}" for m in METRICS) + " |")
     table = "\n".join(lines) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    write_text_atomic(paths[0], json.dumps(results, indent=1))
-    write_text_atomic(paths[1], table)
+    write_results(paths, results, table)
     print(table)
     return 0
 

@@ -13,7 +13,6 @@ rows that must come out worse. ``--rows`` picks a named subset.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,8 +22,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
-from dreampose.evaluation.sweep import Finetune, SweepRow, markdown_table, run_sweep, summarise  # noqa: E402
-from dreampose.files.atomic import write_text_atomic  # noqa: E402
+from dreampose.errors import DreamPoseError  # noqa: E402
+from dreampose.evaluation.sweep import (Finetune, SweepRow, markdown_table, result_paths, run_sweep,  # noqa: E402
+                                       summarise, write_results)
 from dreampose.settings import DEMO_SAMPLING, SAMPLERS  # noqa: E402
 
 REFERENCE = "pndm 100"
@@ -72,9 +72,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = [os.path.join(args.out, n) for n in ("sweep.json", "table.md")]
-    if not args.force and any(os.path.exists(x) for x in paths):
-        print(f"error: {args.out} already holds a sweep; pass --force to replace it", file=sys.stderr)
+    try:
+        paths = result_paths(args.out, force=args.force)
+    except DreamPoseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     assert all(r.sampler in SAMPLERS for r in ROWS)
     rows = [r for r in ROWS if r.name in SUBSETS[args.rows]]
@@ -86,13 +87,7 @@ def main(argv=None) -> int:
                        log=lambda m: print(m, flush=True))
     result.update(wall_s=time.perf_counter() - t0, threads=torch.get_num_threads(), base=DEMO_SAMPLING.to_dict())
     table = markdown_table(summarise(result), REFERENCE if any(r.name == REFERENCE for r in rows) else None)
-    os.makedirs(args.out, exist_ok=True)
-    write_text_atomic(paths[0], json.dumps(result, indent=1))
-    write_text_atomic(paths[1], table)
-    if args.record:
-        recorded = json.load(open(args.record)) if os.path.exists(args.record) else {}
-        recorded["finetune" if args.finetune else "no_finetune"] = result
-        write_text_atomic(args.record, json.dumps(recorded, indent=1) + "\n")
+    write_results(paths, result, table, args.record, "finetune" if args.finetune else "no_finetune")
     print(table)
     print(f"{len(scenes)} videos × {args.frames} frames × {len(args.seeds)} seeds in {result['wall_s']:.0f} s; "
           f"finetunes {result['finetune_s']:.0f} s")

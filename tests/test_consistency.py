@@ -10,7 +10,7 @@ from dreampose.evaluation import metrics as M
 from dreampose.models.attention import SharedAttention, sdpa, self_attention_keys, shared_self_attention
 from dreampose.pipeline.conditioning import encode_image_condition
 from dreampose.pipeline.poses import make_pose_windows, smooth_uv
-from dreampose.pipeline.sampling import SampleStats, make_scheduler, sample
+from dreampose.pipeline.sampling import SampleStats, sample
 from dreampose.settings import SamplingOptions
 
 

@@ -14,6 +14,8 @@ model; the finetune and the start noise draw from the seed, so two rows differ o
 """
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +24,7 @@ import torch
 
 from ..data.world import body_mask, silhouette
 from ..errors import DreamPoseError
+from ..files.atomic import write_text_atomic
 from ..pipeline.animate import generate, prepare
 from ..pipeline.poses import make_pose_windows, smooth_uv
 from ..pipeline.sampling import SampleStats
@@ -221,3 +224,28 @@ def markdown_table(summary: list[dict], reference: str | None = None) -> str:
                                                                                       if m not in ok)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ the scripts' files
+
+def result_paths(out: str, names: tuple[str, ...] = ("sweep.json", "table.md"), force: bool = False) -> list[str]:
+    """Where a benchmark script writes, refused before any work when an earlier run's files are there."""
+    paths = [os.path.join(out, n) for n in names]
+    if not force and any(os.path.exists(x) for x in paths):
+        raise DreamPoseError(f"{out} already holds results; pass --force to replace them")
+    return paths
+
+
+def write_results(paths: list[str], result, table: str, record: str | None = None, key: str | None = None) -> None:
+    """The result as JSON and the table (atomically); with ``record``, the result is also kept in that JSON file
+    under ``key`` (the file's other keys are left as they are)."""
+    os.makedirs(os.path.dirname(paths[0]) or ".", exist_ok=True)
+    write_text_atomic(paths[0], json.dumps(result, indent=1))
+    write_text_atomic(paths[1], table)
+    if record:
+        recorded = {}
+        if os.path.exists(record):
+            with open(record) as f:
+                recorded = json.load(f)
+        recorded[key] = result
+        write_text_atomic(record, json.dumps(recorded, indent=1) + "\n")

@@ -31,6 +31,29 @@ def consistency_sources(options: SamplingOptions) -> dict[str, float]:
     return sources
 
 
+SourceRow = tuple[str, torch.Tensor, "torch.Tensor | None"]   # (source, clean latent, pose window or None)
+
+
+def source_rows(sources: dict[str, float], reference: torch.Tensor | None,
+                anchor: tuple[torch.Tensor, torch.Tensor] | None) -> list[SourceRow]:
+    """The rows a call carries besides the frames, in order: ``(source, clean latent, pose window or None)`` for
+    the reference (null pose) when it is on, and the anchor when it is on and not a frame of the batch."""
+    rows = []
+    if "reference" in sources:
+        rows.append(("reference", reference, None))
+    if "anchor" in sources and anchor is not None:
+        rows.append(("anchor", *anchor))
+    return rows
+
+
+def anchor_frame(options: SamplingOptions, frames: slice, have_anchor: bool) -> int | None:
+    """The frame of a finished chunk ``frames`` that anchors the chunks after it, or None to keep the anchor
+    there is: the video's first frame once, or (``previous``) each chunk's last."""
+    if options.cross_frame_anchor == "previous":
+        return frames.stop - 1
+    return None if have_anchor else frames.start
+
+
 class ConsistentDenoiser:
     """``denoiser`` with shared self-attention (``shared``, already routed through the UNet).
 
@@ -48,20 +71,13 @@ class ConsistentDenoiser:
                  reference: torch.Tensor | None = None, anchor: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.denoiser, self.shared, self.scheduler = denoiser, shared, scheduler
         d = denoiser
-        rows, clean, poses = [], [], []
-        if "reference" in shared.sources:
-            rows.append("reference")
-            clean.append(reference)
-            poses.append(None)
-        if "anchor" in shared.sources and anchor is not None:
-            rows.append("anchor")
-            clean.append(anchor[0])
-            poses.append(anchor[1])
-        self.rows = tuple(rows)
-        self.clean = torch.cat(clean).to(d.device, torch.float32) if clean else None
+        rows = source_rows(shared.sources, reference, anchor)
+        self.rows = tuple(name for name, _, _ in rows)
+        self.clean = torch.cat([latent for _, latent, _ in rows]).to(d.device, torch.float32) if rows else None
         self.noise = noise.to(d.device, torch.float32)
-        self.poses = [None if p is None else p.to(d.device, d.dtype) for p in poses]
+        self.poses = [None if p is None else p.to(d.device, d.dtype) for _, _, p in rows]
 
+    # what the sampling loop reads of a denoiser: the wrapped one's (the source rows count in its evaluations)
     @property
     def calls(self) -> int:
         return self.denoiser.calls
@@ -69,6 +85,14 @@ class ConsistentDenoiser:
     @property
     def evaluations(self) -> int:
         return self.denoiser.evaluations
+
+    @property
+    def branches(self) -> list[int]:
+        return self.denoiser.branches
+
+    @property
+    def frames(self) -> int:
+        return self.denoiser.frames
 
     def _lead(self, branches: list[int], t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The source rows of every branch, group-major (branch by branch, sources in ``rows`` order)."""

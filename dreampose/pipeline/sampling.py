@@ -26,9 +26,9 @@ from ..configs import default_scheduler_config
 from ..errors import DreamPoseError
 from ..models.devices import randn
 from ..settings import LATENT_CHANNELS, LATENT_SCALE, VAE_SCALE, SamplingOptions, check_sampler, check_stretch
-from .conditioning import ImageCondition, check_condition_source, vae_latent
 from ..models.attention import SharedAttention, shared_self_attention
-from .consistency import ConsistentDenoiser, consistency_sources
+from .conditioning import ImageCondition, check_condition_source, vae_latent
+from .consistency import ConsistentDenoiser, anchor_frame, consistency_sources
 from .guidance import DualCFGDenoiser
 from .images import condition_frame, resize_u8, to_minus1_1
 from .poses import PoseWindows
@@ -91,6 +91,15 @@ def key_frame_latent(vae, image: torch.Tensor, height: int, width: int,
     return vae_latent(vae, key, latent_mode, generator).float()
 
 
+def reference_latent(vae, cond: ImageCondition, options: SamplingOptions,
+                     key_latent: torch.Tensor | None) -> torch.Tensor:
+    """The subject photo's clean latent at the output size: the official start's key-frame latent when the run
+    has one (so the reference at the first step is x_T itself), else the posterior mean (no draw)."""
+    if key_latent is not None:
+        return key_latent
+    return key_frame_latent(vae, cond.key_frame, options.height, options.width, latent_mode="mode")
+
+
 def start_latents(model, cond: ImageCondition, scheduler, options: SamplingOptions, num_frames: int = 1, *,
                   generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """x_T for ``num_frames`` frames at the options' size. ``official``: the key frame latent noised to
@@ -109,11 +118,6 @@ def compose_start(scheduler, key_latent: torch.Tensor | None, noise: torch.Tenso
     if key_latent is not None:
         return scheduler.add_noise(key_latent, noise, scheduler.timesteps[:1].to(noise.device))
     return noise * scheduler.init_noise_sigma
-
-
-def denoiser_of(denoiser) -> DualCFGDenoiser:
-    """The dual-guidance denoiser itself, under a :class:`ConsistentDenoiser` if there is one."""
-    return getattr(denoiser, "denoiser", denoiser)
 
 
 def check_latents(latents: torch.Tensor, poses: PoseWindows) -> torch.Tensor:
@@ -181,7 +185,7 @@ def _denoise(model, cond, poses, options, generator, latents, callback, stats, s
     noise = reference = anchor = None
     if latents is None:
         key_latent, noise = start_components(model, cond, options, generator=generator, device=device)
-        x_start = compose_start(scheduler, key_latent, noise).expand(1, -1, -1, -1).clone()
+        x_start = compose_start(scheduler, key_latent, noise)
     else:
         x_start = check_latents(latents, poses)[:latents.shape[0]].to(device)
         key_latent = None
@@ -190,8 +194,7 @@ def _denoise(model, cond, poses, options, generator, latents, callback, stats, s
             shape = (1, LATENT_CHANNELS, options.height // LATENT_SCALE, options.width // LATENT_SCALE)
             noise = randn(shape, torch.Generator().manual_seed(options.seed), device)
         if "reference" in shared.sources:
-            reference = key_latent if key_latent is not None else key_frame_latent(
-                model.vae, cond.key_frame, options.height, options.width, latent_mode="mode").to(device)
+            reference = reference_latent(model.vae, cond, options, key_latent).to(device)
     if stats is not None:
         stats.init_latents = x_start.expand(total, -1, -1, -1)
     cond_dev = cond.to(device)
@@ -219,14 +222,11 @@ def _denoise(model, cond, poses, options, generator, latents, callback, stats, s
         if stats is not None:
             stats.unet_calls += denoiser.calls
             stats.image_evaluations += denoiser.evaluations
-            inner = denoiser_of(denoiser)
-            stats.unet_batch = max(stats.unet_batch, len(inner.branches) * inner.frames)
+            stats.unet_batch = max(stats.unet_batch, len(denoiser.branches) * denoiser.frames)
             stats.sample_s += time.perf_counter() - t0
-        if shared is not None and "anchor" in shared.sources:
-            keep = frames.stop - 1 if options.cross_frame_anchor == "previous" else 0
-            if options.cross_frame_anchor == "previous" or anchor is None:
-                anchor = (x[keep - frames.start:keep - frames.start + 1].clone(),
-                          poses.windows([keep]).to(device))
+        keep = anchor_frame(options, frames, anchor is not None) if shared is not None else None
+        if keep is not None and "anchor" in shared.sources:
+            anchor = (x[keep - frames.start:keep - frames.start + 1].clone(), poses.windows([keep]).to(device))
         del denoiser, chunk_sched
         yield frames, x
         t0 = time.perf_counter()
