@@ -179,7 +179,7 @@ def test_help_imports_neither_torch_nor_diffusers():
     proc = subprocess.run([sys.executable, "-c", HELP_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.strip().endswith("10 commands; heavy: []")
+    assert proc.stdout.strip().endswith("11 commands; heavy: []")
 
 
 @pytest.mark.parametrize("name", ["dreampose", "dreampose.settings", "dreampose.cli.main"])

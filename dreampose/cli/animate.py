@@ -47,8 +47,19 @@ def add_sampling_args(p, defaults: SamplingOptions, fps: float, presets: bool = 
 
 def register(sub) -> None:
     p = sub.add_parser("animate", help="animate a key frame along a DensePose sequence",
-                       description="Key frame + folder of frame_N_densepose.npy → PNG frames and an MP4.")
+                       description="Key frame + folder of frame_N_densepose.npy → PNG frames and an MP4. Several "
+                                   "processes (`torchrun --nproc_per_node N -m dreampose animate …` or `accelerate "
+                                   "launch`) split the frames and write what one process would.")
     add_weight_args(p)
+    add_job_args(p)
+    add_sampling_args(p, DEFAULT_SAMPLING, ANIMATE_FPS, presets=True)
+    add_device_args(p)
+    p.set_defaults(func=run)
+
+
+def add_job_args(p) -> None:
+    """What one animation is made of beyond the weights: photo, poses, frames, output, subject finetunes
+    (the ``batch`` command's manifest entries are these flags)."""
     p.add_argument("--image", required=True, help="the subject's key frame (any size; conditioning runs at 640x512)")
     p.add_argument("--poses", required=True, help="folder of frame_N_densepose.npy (2,H,W) UV files")
     p.add_argument("--first-frame", type=nonnegative_int, default=0, help="skip this many pose frames")
@@ -61,9 +72,6 @@ def register(sub) -> None:
     p.add_argument("--subject", action="append", metavar="FILE.safetensors",
                    help="a saved subject finetune (finetune-subject / finetune-vae output) applied on top of the "
                         "weights; give it twice for a UNet+adapter and a VAE decoder finetune")
-    add_sampling_args(p, DEFAULT_SAMPLING, ANIMATE_FPS, presets=True)
-    add_device_args(p)
-    p.set_defaults(func=run)
 
 
 def sampling_options(args, defaults: SamplingOptions) -> SamplingOptions:
@@ -89,16 +97,13 @@ def check_run_options(args, defaults: SamplingOptions, outputs=OUTPUTS) -> Sampl
     return options
 
 
-def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bool = False) -> dict:
-    """animate_clip → PNG + MP4 (+ latents). Returns what happened (frames, UNet calls, timings, files)."""
+def render(model, image, uv, options: SamplingOptions, args, *, quiet: bool = False, processes=None):
+    """animate_clip (or, over several processes, animate_split) with live bars; the whole clip, or None on a
+    process other than the main one."""
     import torch
 
-    from ..files.atomic import atomic_save_safetensors
     from ..pipeline.animate import animate_clip
-    from ..pipeline.video import save_video
 
-    generator = torch.Generator().manual_seed(options.seed)   # every random draw, in a fixed order
-    x_t = None if args.init_latents_tensor is None else args.init_latents_tensor
     sampling = StepBar("sampling", quiet)
     decoding = StepBar("decoding", quiet, unit="frame")
     done = [0]
@@ -108,8 +113,29 @@ def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bo
         decoding(done[0], total)
 
     frames = getattr(args, "frame_range", None)
-    clip = animate_clip(model, image, uv, options, generator=generator, latents=x_t, callback=sampling,
+    x_t = args.init_latents_tensor
+    if processes is not None and processes.world > 1:
+        from ..pipeline.split import animate_split
+
+        return animate_split(model, image, uv, options, processes, latents=x_t, callback=sampling,
+                             on_chunk=on_chunk, frames=frames)
+    generator = torch.Generator().manual_seed(options.seed)   # every random draw, in a fixed order
+    return animate_clip(model, image, uv, options, generator=generator, latents=x_t, callback=sampling,
                         on_chunk=on_chunk, frames=frames)
+
+
+def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bool = False) -> dict:
+    """animate_clip → PNG + MP4 (+ latents). Returns what happened (frames, UNet calls, timings, files)."""
+    return write_animation(render(model, image, uv, options, args, quiet=quiet), uv, options, args)
+
+
+def write_animation(clip, uv, options: SamplingOptions, args) -> dict:
+    """The clip's PNGs, MP4 (and latents) into ``args.out``. Returns what happened (frames, UNet calls, timings,
+    files)."""
+    from ..files.atomic import atomic_save_safetensors
+    from ..pipeline.video import save_video
+
+    frames = getattr(args, "frame_range", None)
     first = frames.indices(uv.shape[0])[0] if frames is not None else 0
     stats = clip.stats
     timings = {"encode_s": stats.encode_s, "sample_s": stats.sample_s, "decode_s": stats.decode_s}
@@ -136,7 +162,7 @@ def run_animation(model, image, uv, options: SamplingOptions, args, *, quiet: bo
             "image_evaluations": stats.image_evaluations, "timings": timings, "written": written, "video": clip.frames}
 
 
-def summary(result: dict, args, options: SamplingOptions, device, dtype, load_s: float) -> None:
+def summary(result: dict, args, options: SamplingOptions, device, dtype, load_s: float | None) -> None:
     from ..models.devices import dtype_name
 
     t = result["timings"]
@@ -152,7 +178,8 @@ def summary(result: dict, args, options: SamplingOptions, device, dtype, load_s:
           f"{result['unet_batch']}, {result['image_evaluations'] / n:g} image evaluations per frame"
           + (f" (guidance from {options.guidance_start:g} to {options.guidance_end:g} of the schedule)"
              if (options.guidance_start, options.guidance_end) != (0.0, 1.0) else ""))
-    print(f"time: load {load_s:.1f} s, encode {t['encode_s']:.1f} s, sampling {t['sample_s']:.1f} s "
+    load = f"load {load_s:.1f} s, " if load_s is not None else ""
+    print(f"time: {load}encode {t['encode_s']:.1f} s, sampling {t['sample_s']:.1f} s "
           f"({t['sample_s'] / n:.2f} s/frame), decode {t['decode_s']:.1f} s, write {t['write_s']:.1f} s")
 
 
@@ -168,21 +195,40 @@ def write_run_info(args, options: SamplingOptions, result: dict, device, dtype, 
     write_text_atomic(os.path.join(args.out, RUN_INFO_NAME), json.dumps(info, indent=1, default=str))
 
 
-def run(args) -> int:
-    from ..files.atomic import output_set
-    from ..models.devices import resolve_device, resolve_dtype
+def join_processes(args, options: SamplingOptions, device):
+    """The processes a launcher started (one without a launcher), and this process's device: with several,
+    each process takes its own GPU (the launcher's LOCAL_RANK) and the options must split."""
+    from ..pipeline.processes import Processes, launched_processes
+    from ..pipeline.split import check_split
+
+    if launched_processes() <= 1:
+        return Processes(), device
+    check_split(options)
+    if device.type == "cuda" and str(args.device) not in ("auto", "cuda"):
+        raise DreamPoseError(f"--device {args.device}: with several processes each takes its own GPU (the "
+                             "launcher's LOCAL_RANK); give --device auto or cuda")
+    processes = Processes.from_launcher(cpu=device.type != "cuda")
+    return processes, (processes.device if device.type == "cuda" else device)
+
+
+def check_weight_paths(args) -> None:
+    """The weight flags name a model and every file they give exists (nothing is read yet)."""
+    check_weights_given(args)
+    check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
+                unet_config=args.unet_config, vae_config=args.vae_config)
+
+
+def check_job(args):
+    """Everything one animation is given besides the weights, checked and read: its options, key frame, UV
+    of the whole sequence and the number of frames it renders; ``args.init_latents_tensor`` is set."""
+    from ..loaders.subject_file import read_subject_header
     from ..pipeline.poses import load_uv_folder
 
-    # 1. everything the user gave, checked before a single weight is read
-    check_weights_given(args)
     options = check_run_options(args, DEFAULT_SAMPLING)
-    check_paths(clip=args.clip, dreampose=args.dreampose, base=args.base, vae=args.vae, adapter=args.adapter,
-                image=args.image, poses=args.poses, init_latents=args.init_latents, unet_config=args.unet_config,
-                vae_config=args.vae_config)
+    check_paths(image=args.image, poses=args.poses, init_latents=args.init_latents)
     for path in args.subject or ():
         check_paths(subject=path)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+        read_subject_header(path)          # a subject file, by its header (cheap)
     image = load_image(args.image)
     uv = load_uv_folder(args.poses, args.first_frame, args.max_frames)
     count = uv.shape[0]
@@ -194,22 +240,49 @@ def run(args) -> int:
         count = stop - start
     args.init_latents_tensor = (read_init_latents(args.init_latents, count, options.height, options.width)
                                 if args.init_latents else None)
-    err(f"{uv.shape[0]} pose frame(s) from {args.poses}; key frame {image.shape[2]}x{image.shape[1]} (WxH)")
+    return options, image, uv, count
+
+
+def run(args) -> int:
+    from ..files.atomic import output_set
+    from ..models.devices import resolve_device, resolve_dtype
+    from ..pipeline.split import frame_blocks
+
+    # 1. everything the user gave, checked before a single weight is read
+    check_weight_paths(args)
+    options, image, uv, count = check_job(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    processes, device = join_processes(args, options, device)
+    say = err if processes.is_main else (lambda msg: None)
+    quiet = args.quiet or not processes.is_main
+    say(f"{uv.shape[0]} pose frame(s) from {args.poses}; key frame {image.shape[2]}x{image.shape[1]} (WxH)")
+    if processes.world > 1:
+        blocks = frame_blocks(count, options.frames_per_batch, processes.world)
+        idle = sum(1 for b in blocks if not len(b))
+        say(f"{processes.world} processes: frames split in blocks of whole {options.frames_per_batch}-frame chunks "
+            f"({', '.join(str(len(b)) for b in blocks)} frames)"
+            + (f"; {idle} process(es) idle: fewer --frames-per-batch gives them work" if idle else ""))
 
     # 2. weights
     if not args.dreampose:
-        err("warning: no --dreampose weights: building an untrained DreamPose from the base model; its pose "
+        say("warning: no --dreampose weights: building an untrained DreamPose from the base model; its pose "
             "channels start at zero and its adapter is fresh, so the frames will not follow the poses")
-    err("loading weights …")
+    say("loading weights …")
     t0 = time.perf_counter()
     model = load_model(args, dtype).place(device, dtype)   # read straight into dtype: no second copy
     load_s = time.perf_counter() - t0
-    err(f"loaded in {load_s:.1f} s; conditioning convention {model.convention!r}")
+    say(f"loaded in {load_s:.1f} s; conditioning convention {model.convention!r}")
 
-    # 3. run: frames, video, latents and the run record appear together, or (error, Ctrl-C) none does
+    # 3. run: frames, video, latents and the run record appear together, or (error, Ctrl-C) none does;
+    # only the main process writes
+    clip = render(model, image, uv, options, args, quiet=quiet, processes=processes)
+    if not processes.is_main:
+        return 0
     with output_set():
-        result = run_animation(model, image, uv, options, args, quiet=args.quiet)
+        result = write_animation(clip, uv, options, args)
         result.pop("video")
-        write_run_info(args, options, result, device, dtype, {"convention": model.convention})
+        write_run_info(args, options, result, device, dtype, {"convention": model.convention,
+                                                              "processes": processes.world})
     summary(result, args, options, device, dtype, load_s)
     return 0

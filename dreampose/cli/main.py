@@ -1,4 +1,4 @@
-"""``python -m dreampose``: animate, demo, convert, finetune, bench, synth, prepare, train and eval
+"""``python -m dreampose``: animate, batch, demo, convert, finetune, bench, synth, prepare, train and eval
 without ComfyUI.
 
 Each command is one module of this folder with a ``register(subparsers)`` that adds its parser and
@@ -13,11 +13,11 @@ import os
 import sys
 
 from ..errors import DreamPoseError
-from . import animate, bench, convert, demo, finetune, prepare, synth, train
+from . import animate, batch, bench, convert, demo, finetune, prepare, synth, train
 from . import eval as evaluate
 from .common import err
 
-COMMANDS = (animate, demo, convert, finetune, bench, synth, prepare, train, evaluate)
+COMMANDS = (animate, batch, demo, convert, finetune, bench, synth, prepare, train, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
