@@ -195,15 +195,13 @@ def write_run_info(args, options: SamplingOptions, result: dict, device, dtype, 
     write_text_atomic(os.path.join(args.out, RUN_INFO_NAME), json.dumps(info, indent=1, default=str))
 
 
-def join_processes(args, options: SamplingOptions, device):
-    """The processes a launcher started (one without a launcher), and this process's device: with several,
-    each process takes its own GPU (the launcher's LOCAL_RANK) and the options must split."""
+def join_processes(args, device):
+    """The processes a launcher started (one without a launcher) and this process's device: with several,
+    each process takes its own GPU (the launcher's LOCAL_RANK)."""
     from ..pipeline.processes import Processes, launched_processes
-    from ..pipeline.split import check_split
 
     if launched_processes() <= 1:
         return Processes(), device
-    check_split(options)
     if device.type == "cuda" and str(args.device) not in ("auto", "cuda"):
         raise DreamPoseError(f"--device {args.device}: with several processes each takes its own GPU (the "
                              "launcher's LOCAL_RANK); give --device auto or cuda")
@@ -246,14 +244,17 @@ def check_job(args):
 def run(args) -> int:
     from ..files.atomic import output_set
     from ..models.devices import resolve_device, resolve_dtype
-    from ..pipeline.split import frame_blocks
+    from ..pipeline.processes import launched_processes
+    from ..pipeline.split import check_split, frame_blocks
 
     # 1. everything the user gave, checked before a single weight is read
     check_weight_paths(args)
     options, image, uv, count = check_job(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    processes, device = join_processes(args, options, device)
+    if launched_processes() > 1:
+        check_split(options)              # before the processes join: a refused run starts nothing
+    processes, device = join_processes(args, device)
     say = err if processes.is_main else (lambda msg: None)
     quiet = args.quiet or not processes.is_main
     say(f"{uv.shape[0]} pose frame(s) from {args.poses}; key frame {image.shape[2]}x{image.shape[1]} (WxH)")

@@ -198,8 +198,7 @@ def run(args) -> int:
     from ..files.atomic import write_text_atomic
     from ..files.destinations import check_writable
     from ..models.devices import resolve_device, resolve_dtype
-    from ..pipeline.processes import Processes, launched_processes
-    from .animate import check_weight_paths
+    from .animate import check_weight_paths, join_processes
     from .common import load_model
 
     # 1. the weights' paths and every job, before any weights are read
@@ -210,13 +209,7 @@ def run(args) -> int:
     jobs = plan(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    processes = Processes()
-    if launched_processes() > 1:
-        if device.type == "cuda" and str(args.device) not in ("auto", "cuda"):
-            raise DreamPoseError(f"--device {args.device}: with several processes each takes its own GPU (the "
-                                 "launcher's LOCAL_RANK); give --device auto or cuda")
-        processes = Processes.from_launcher(cpu=device.type != "cuda")
-        device = processes.device if device.type == "cuda" else device
+    processes, device = join_processes(args, device)
     tag = f"[process {processes.rank}] " if processes.world > 1 else ""
     say = err if processes.is_main else (lambda msg: None)
 
