@@ -52,7 +52,8 @@ class DreamPoseApplyPose(io.ComfyNode):
                 "works too with positive and negative (then s_image = s_pose = cfg). One latent frame per pose."),
             inputs=[
                 io.Conditioning.Input("image", tooltip="CLIPVAEAdapterEncode's 'image' output (the subject's tokens)."),
-                io.Conditioning.Input("null", tooltip="CLIPVAEAdapterEncode's 'null' output (the null image's tokens)."),
+                io.Conditioning.Input("null",
+                                      tooltip="CLIPVAEAdapterEncode's 'null' output (the null image's tokens)."),
                 DreamPosePoseType.Input("poses", tooltip="Pose windows from DensePoseWindow5; they set the frame count "
                                                          "and the output size."),
                 io.Combo.Input("start", options=list(START_MODES), default="official",

@@ -47,14 +47,14 @@ class LoadDreamPose(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "dreampose_weights", options=folders.dreampose_weight_options(),
-                    tooltip="DreamPose weights from models/dreampose: the authors' unet_epoch_N.pth (adapter_N.pth must "
-                            "sit beside it) or a DreamPose .safetensors. 'none (fresh from base)' builds an untrained "
-                            "DreamPose from the base model, to finetune."),
+                    tooltip="DreamPose weights from models/dreampose: the authors' unet_epoch_N.pth (adapter_N.pth "
+                            "must sit beside it) or a DreamPose .safetensors. 'none (fresh from base)' builds an "
+                            "untrained DreamPose from the base model, to finetune."),
                 io.Combo.Input(
                     "base_model", options=folders.base_model_options(),
-                    tooltip="Stable Diffusion 1.x (models/checkpoints file or models/diffusers folder). Needed when the "
-                            "weights carry no VAE (the authors' files) and for 'none (fresh from base)'; the VAE comes "
-                            "from it unless 'vae' says otherwise."),
+                    tooltip="Stable Diffusion 1.x (models/checkpoints file or models/diffusers folder). Needed when "
+                            "the weights carry no VAE (the authors' files) and for 'none (fresh from base)'; the VAE "
+                            "comes from it unless 'vae' says otherwise."),
                 io.Combo.Input(
                     "clip_vision", options=folders.clip_vision_options(),
                     tooltip="CLIP ViT-B/32 vision (openai/clip-vit-base-patch32) from models/clip_vision: a single "
@@ -93,9 +93,9 @@ class LoadDreamPose(io.ComfyNode):
                     tooltip="The DreamPose model (UNet, adapter, VAE, CLIP vision, convention), for the DreamPose "
                             "nodes."),
                 io.Model.Output(display_name="MODEL",
-                                tooltip="The DreamPose UNet as a core MODEL (14 input channels; the pose windows arrive "
-                                        "as each conditioning's noise_concat): for core LoRA loaders, model patches, "
-                                        "DualCFGGuider and the samplers."),
+                                tooltip="The DreamPose UNet as a core MODEL (14 input channels; the pose windows "
+                                        "arrive as each conditioning's noise_concat): for core LoRA loaders, model "
+                                        "patches, DualCFGGuider and the samplers."),
                 io.ClipVision.Output(display_name="CLIP_VISION", tooltip="CLIP ViT-B/32 vision as a core CLIP_VISION."),
                 io.Vae.Output(display_name="VAE",
                               tooltip="The VAE as a core VAE (VAE Decode, VAE Encode, tiled decode)."),

@@ -52,7 +52,8 @@ class DualCFGSampler(io.ComfyNode):
                 "patches on the MODEL), then decodes with the model's VAE. Cancel stops within one step."),
             inputs=[
                 DreamPoseModelType.Input("model", tooltip="The DreamPose model from Load DreamPose."),
-                DreamPoseCondType.Input("cond", tooltip="The subject's condition from CLIPVAEAdapterEncode (same model)."),
+                DreamPoseCondType.Input("cond",
+                                        tooltip="The subject's condition from CLIPVAEAdapterEncode (same model)."),
                 DreamPosePoseType.Input("poses", tooltip="Pose windows from DensePoseWindow5; they set the frame "
                                                          "count and the output size."),
                 io.Float.Input("s_image", default=DEFAULTS.s_image, min=0.0, max=30.0, step=0.1, round=0.01,
@@ -80,11 +81,13 @@ class DualCFGSampler(io.ComfyNode):
                                tooltip="'as sampler': step with the scheduler named in 'sampler' (pndm is the "
                                        "authors'; the frames equal the library's). Any other: that ComfyUI sampler "
                                        "on 'scheduler', with the same start, seed and guidance."),
-                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal", optional=True,
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="normal",
+                               optional=True,
                                tooltip="ComfyUI noise schedule for 'core_sampler' (unused with 'as sampler')."),
                 io.Model.Input("core_model", optional=True,
                                tooltip="Optional: the DreamPose MODEL after core nodes changed it (LoRA loaders, "
-                                       "model patches), from Load DreamPose's MODEL output. Unconnected: the bundle's."),
+                                       "model patches), from Load DreamPose's MODEL output. Unconnected: the "
+                                       "bundle's."),
                 io.Float.Input("guidance_start", default=DEFAULTS.guidance_start, min=0.0, max=1.0, step=0.01,
                                optional=True,
                                tooltip="Guide only from this fraction of the schedule on (0: from the first, "

@@ -83,21 +83,34 @@ class Graph:
 
 VIDEO_NOTE = """## DreamPose: from a video to an animation
 
-1. **Models**: DreamPose weights (`unet_epoch_20.pth` + `adapter_20.pth`, Google Drive link in https://github.com/johannakarras/DreamPose) → `models/dreampose/`; Stable Diffusion 1.x → `models/checkpoints/`; CLIP ViT-B/32 → `models/clip_vision/`; a DensePose TorchScript export (`densepose_r50_fpn_dl.torchscript`) → `models/densepose/` (comfyui_controlnet_aux's downloaded copy is found too). The loaders' download links give the files.
+1. **Models**: DreamPose weights (`unet_epoch_20.pth` + `adapter_20.pth`, Google Drive link in \
+https://github.com/johannakarras/DreamPose) → `models/dreampose/`; Stable Diffusion 1.x → `models/checkpoints/`; CLIP \
+ViT-B/32 → `models/clip_vision/`; a DensePose TorchScript export (`densepose_r50_fpn_dl.torchscript`) → \
+`models/densepose/` (comfyui_controlnet_aux's downloaded copy is found too). The loaders' download links give the files.
 2. **Subject photo** (*Load Image*): full body, portrait 4:5, plain background.
-3. **Driving video** (*Load Video*): one person moving; its frames go through **DensePose** to a UV sequence. A second **DensePose** turns the photo into the pose that the finetune pairs with it.
-4. **Subject Finetune** (500 steps) and **VAE Decoder Finetune** (1500 steps) adapt the model to this person; both are saved in `models/dreampose/subjects/` and reused next time when nothing changed.
-5. **Encode Key Frame** → **Pose Windows** (512×640) → **Dual-CFG Sampler** (s_image 8, s_pose 3, 100 PNDM steps) → an animated WEBP at the video's frame rate.
+3. **Driving video** (*Load Video*): one person moving; its frames go through **DensePose** to a UV sequence. A second \
+**DensePose** turns the photo into the pose that the finetune pairs with it.
+4. **Subject Finetune** (500 steps) and **VAE Decoder Finetune** (1500 steps) adapt the model to this person; both are \
+saved in `models/dreampose/subjects/` and reused next time when nothing changed.
+5. **Encode Key Frame** → **Pose Windows** (512×640) → **Dual-CFG Sampler** (s_image 8, s_pose 3, 100 PNDM steps) → an \
+animated WEBP at the video's frame rate.
 
-Check the DensePose previews first: a wrong person, or BGR/RGB mix-ups, show there. Long videos: trim them in *Load Video*'s file or set DreamPose's `frames_per_batch` lower for VRAM."""
+Check the DensePose previews first: a wrong person, or BGR/RGB mix-ups, show there. Long videos: trim them in \
+*Load Video*'s file or set DreamPose's `frames_per_batch` lower for VRAM."""
 
 SWEEP_NOTE = """## DreamPose: guidance sweep (s_image × s_pose)
 
-The paper's sweep of the two guidance scales (official values s ∈ {0, 3, 5, 7, 9}); here a 3×3 subset, s_image ∈ {3, 5, 7} (rows) × s_pose ∈ {3, 5, 7} (columns). All samplers share one model, one key-frame encoding, one pose sequence and one seed, so only guidance changes.
+The paper's sweep of the two guidance scales (official values s ∈ {0, 3, 5, 7, 9}); here a 3×3 subset, s_image ∈ \
+{3, 5, 7} (rows) × s_pose ∈ {3, 5, 7} (columns). All samplers share one model, one key-frame encoding, one pose \
+sequence and one seed, so only guidance changes.
 
-- **Models** as in *dreampose_animate*: DreamPose weights in `models/dreampose/`, Stable Diffusion 1.x in `models/checkpoints/`, CLIP ViT-B/32 in `models/clip_vision/`; poses (`frame_N_densepose.npy`) in `input/dreampose_poses/`.
-- Each setting is saved as `dreampose_sweep/si<S_IMAGE>_sp<S_POSE>` (an animated WEBP); **Grid** stitches the nine into one animated grid (rows s_image, columns s_pose).
-- Nine samplings take nine times as long: try few frames (*Load DensePose UV* `count`) and fewer steps first. Add a row or column by copying a sampler and setting its two scales."""
+- **Models** as in *dreampose_animate*: DreamPose weights in `models/dreampose/`, Stable Diffusion 1.x in \
+`models/checkpoints/`, CLIP ViT-B/32 in `models/clip_vision/`; poses (`frame_N_densepose.npy`) in \
+`input/dreampose_poses/`.
+- Each setting is saved as `dreampose_sweep/si<S_IMAGE>_sp<S_POSE>` (an animated WEBP); **Grid** stitches the nine \
+into one animated grid (rows s_image, columns s_pose).
+- Nine samplings take nine times as long: try few frames (*Load DensePose UV* `count`) and fewer steps first. Add a \
+row or column by copying a sampler and setting its two scales."""
 
 
 def video_to_animation(oi: dict) -> Graph:
@@ -193,11 +206,18 @@ def guidance_sweep(oi: dict) -> Graph:
 
 DEMO_NOTE = """## DreamPose demo: no download, no input files
 
-**Load DreamPose Demo Model** loads the small DreamPose shipped inside this pack (a few MB, trained with `python -m dreampose train` on the pack's synthetic world). **DreamPose Synthetic Person** gives a person it never saw in training: their key frame, a driving motion as DensePose UV, and the ground truth of that motion.
+**Load DreamPose Demo Model** loads the small DreamPose shipped inside this pack (a few MB, trained with \
+`python -m dreampose train` on the pack's synthetic world). **DreamPose Synthetic Person** gives a person it never saw \
+in training: their key frame, a driving motion as DensePose UV, and the ground truth of that motion.
 
-The paper's subject phase comes next, short: **Subject Finetune** (UNet + adapter, 100 steps) and **VAE Decoder Finetune** (100 steps) on the key frame and its own pose, saved in `models/dreampose/subjects/` and reused next time. Then the usual chain: **Encode Key Frame** → **Pose Windows** (128×192, the demo model's size) → **Dual-CFG Sampler** (DDIM, 20 steps) → an animated WEBP. The previews show the driving poses and the ground truth to compare with. Change `subject` and `motion` to try other people and movements. About a minute on a CPU.
+The paper's subject phase comes next, short: **Subject Finetune** (UNet + adapter, 100 steps) and \
+**VAE Decoder Finetune** (100 steps) on the key frame and its own pose, saved in `models/dreampose/subjects/` and \
+reused next time. Then the usual chain: **Encode Key Frame** → **Pose Windows** (128×192, the demo model's size) → \
+**Dual-CFG Sampler** (DDIM, 20 steps) → an animated WEBP. The previews show the driving poses and the ground truth to \
+compare with. Change `subject` and `motion` to try other people and movements. About a minute on a CPU.
 
-The demo model knows only the synthetic world: for photos, use *dreampose_animate* with the released DreamPose weights."""
+The demo model knows only the synthetic world: for photos, use *dreampose_animate* with the released DreamPose \
+weights."""
 
 
 def demo(oi: dict) -> Graph:
@@ -232,14 +252,21 @@ def demo(oi: dict) -> Graph:
 
 NATIVE_NOTE = """## DreamPose on ComfyUI's own sampling
 
-The same animation as *dreampose_animate*, built from core nodes: DreamPose gives the conditionings and the start latent, ComfyUI samples.
+The same animation as *dreampose_animate*, built from core nodes: DreamPose gives the conditionings and the start \
+latent, ComfyUI samples.
 
-1. **Models** as in *dreampose_animate*. **LoraLoaderModelOnly** puts a LoRA on the DreamPose UNet: a subject LoRA that *Subject Finetune* wrote to `models/loras/` (`lora_rank` > 0; use the same subject's finetuned model or photo), or any SD 1.x LoRA. No LoRA? Bypass the node (Ctrl+B).
-2. **Encode Key Frame** gives the subject's CONDITIONING (`image`) and the null image's (`null`); **Apply Pose** adds the pose windows: `positive` = image + pose, `image_only` = image + null pose, `negative` = null + null, and a start latent with one frame per pose, all frames sharing one noise.
-3. **DualCFGGuider** is DreamPose's dual guidance: `cfg_conds` = s_pose (paper 3), `cfg_cond2_negative` = s_image (paper 8), style `regular`.
+1. **Models** as in *dreampose_animate*. **LoraLoaderModelOnly** puts a LoRA on the DreamPose UNet: a subject LoRA \
+that *Subject Finetune* wrote to `models/loras/` (`lora_rank` > 0; use the same subject's finetuned model or photo), \
+or any SD 1.x LoRA. No LoRA? Bypass the node (Ctrl+B).
+2. **Encode Key Frame** gives the subject's CONDITIONING (`image`) and the null image's (`null`); **Apply Pose** adds \
+the pose windows: `positive` = image + pose, `image_only` = image + null pose, `negative` = null + null, and a start \
+latent with one frame per pose, all frames sharing one noise.
+3. **DualCFGGuider** is DreamPose's dual guidance: `cfg_conds` = s_pose (paper 3), `cfg_cond2_negative` = s_image \
+(paper 8), style `regular`.
 4. Any sampler and scheduler (**KSamplerSelect**, **BasicScheduler**), **SamplerCustomAdvanced**, core **VAE Decode**.
 
-All frames are sampled in one batch (three conds each): for long clips on a small card use *Dual-CFG Sampler*, which takes `frames_per_batch` frames at a time and accepts this MODEL in `core_model`."""
+All frames are sampled in one batch (three conds each): for long clips on a small card use *Dual-CFG Sampler*, which \
+takes `frames_per_batch` frames at a time and accepts this MODEL in `core_model`."""
 
 
 def native_sampling(oi: dict) -> Graph:

@@ -82,7 +82,8 @@ def main():
     ap.add_argument("--debug-port", type=int, default=9333)
     a = ap.parse_args()
     profile = tempfile.mkdtemp(prefix="shot-profile-")
-    proc = subprocess.Popen([a.chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    proc = subprocess.Popen([a.chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                             "--disable-background-networking",
                              "--disable-component-update", "--disable-sync", "--no-first-run",
                              f"--remote-debugging-port={a.debug_port}", "--remote-debugging-address=127.0.0.1",
                              f"--user-data-dir={profile}", "about:blank"],

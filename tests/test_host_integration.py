@@ -2,8 +2,8 @@
 
 The DreamPose networks are ComfyUI's to manage: the UNet, CLIP and VAE are core objects, the adapter
 has a ModelPatcher of ours; while a prompt runs they are in ``mm.current_loaded_models`` on the load
-device, and when the host asks (``unload_all_models``) they go and nothing pins them. Previews come through ComfyUI's own ``--preview-method`` machinery and do
-not change the outputs.
+device, and when the host asks (``unload_all_models``) they go and nothing pins them. Previews come
+through ComfyUI's own ``--preview-method`` machinery and do not change the outputs.
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Loading at the weights' size: a fp32 file loaded for fp16 never holds the fp32 model as well.
 
 Each case runs in a fresh process whose peak RSS (Linux VmHWM) is reset before loading: it loads a
-mid-size DreamPose (a ~100 MB fp32 UNet) straight into fp16, reads every weight (so memory-mapped tensors are resident too, as in a real run),
-and reports the growth of peak RSS over the process before loading. Reading the whole fp32 file and casting
-afterwards (what loading did before) grows by the fp32 size plus the fp16 size, about 3× the fp16 weights;
-the bound here is 1.3× plus a fixed allowance for the interpreter's own allocations.
+mid-size DreamPose (a ~100 MB fp32 UNet) straight into fp16, reads every weight (so memory-mapped
+tensors are resident too, as in a real run), and reports the growth of peak RSS over the process
+before loading. Reading the whole fp32 file and casting afterwards (what loading did before) grows
+by the fp32 size plus the fp16 size, about 3× the fp16 weights; the bound here is 1.3× plus a fixed
+allowance for the interpreter's own allocations.
 """
 from __future__ import annotations
 

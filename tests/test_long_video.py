@@ -1,8 +1,9 @@
 """Long videos: frames are denoised and decoded chunk by chunk (``pipeline.animate.generate``), so the
 working memory beyond the output buffer stays flat with the number of frames.
 
-Memory is the process RSS (``/proc/self/statm``, freed heap trimmed first) sampled at every step and every chunk; torch's CPU
-tensors live outside tracemalloc. The output buffer is allocated and touched before the baseline.
+Memory is the process RSS (``/proc/self/statm``, freed heap trimmed first) sampled at every step and
+every chunk; torch's CPU tensors live outside tracemalloc. The output buffer is allocated and touched
+before the baseline.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ import torch
 from dreampose.pipeline import poses
 from dreampose.files.weights import peek_keys, read_state_dict
 from dreampose.errors import DreamPoseError
-from dreampose.loaders.components import load_authors_adapter, load_authors_unet, load_base_unet, load_clip_vision, load_vae
+from dreampose.loaders.components import (load_authors_adapter, load_authors_unet, load_base_unet, load_clip_vision,
+                                          load_vae)
 from dreampose.loaders.load import convert_authors_checkpoint, load_dreampose
 
 

@@ -412,7 +412,8 @@ def _settings(options: PrepareOptions, estimates: bool, estimator: DensePoseMode
     settings.update(person=None, detect_resolution=None, densepose=None)
     if estimates:
         settings.update(person=options.person, detect_resolution=options.detect_resolution,
-                        densepose=os.path.basename(estimator.path) if estimator is not None and estimator.path else None)
+                        densepose=(os.path.basename(estimator.path)
+                                   if estimator is not None and estimator.path else None))
     return settings
 
 
@@ -555,7 +556,8 @@ def _existing_uv(path: str, frame_shape: tuple[int, int], height: int, width: in
     uv = load_uv_file(path)
     uv_h, uv_w = uv.shape[-2:]
     frame_h, frame_w = frame_shape
-    if (uv_h, uv_w) != (frame_h, frame_w) and abs(uv_w / uv_h - frame_w / frame_h) > ASPECT_TOLERANCE * frame_w / frame_h:
+    if ((uv_h, uv_w) != (frame_h, frame_w)
+            and abs(uv_w / uv_h - frame_w / frame_h) > ASPECT_TOLERANCE * frame_w / frame_h):
         raise DreamPoseError(f"{path}: UV of {uv_w}x{uv_h} does not fit its {frame_w}x{frame_h} (WxH) frame's shape; "
                              "it belongs to another frame size")
     return resize_uv(uv, height, width)

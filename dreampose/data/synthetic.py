@@ -67,7 +67,8 @@ def synthetic_uv_sequence(frames: int = 8, height: int = 320, width: int = 256) 
         shoulder_y, hip_y = 0.30 * height, 0.58 * height
         for side in (-1, 1):  # limbs first, torso and head over them
             sh = (cx + side * 70 * s, shoulder_y)
-            hand = (sh[0] + side * 150 * s * math.cos(1.2 + side * swing), sh[1] + 150 * s * math.sin(1.2 + side * swing))
+            hand = (sh[0] + side * 150 * s * math.cos(1.2 + side * swing),
+                    sh[1] + 150 * s * math.sin(1.2 + side * swing))
             paint(*_segment_uv(x, y, sh, hand, 22 * s))
             hip = (cx + side * 40 * s, hip_y)
             foot = (hip[0] + side * 30 * s + 80 * s * math.sin(side * swing), 0.95 * height)

@@ -670,7 +670,8 @@ def markdown_report(result: dict) -> str:
         lines += ["", "The paper's Table 2 (UBC Fashion, 256 px; for orientation, not comparable):", "",
                   "| row | L1↓ | SSIM↑ | VGG↓ | LPIPS↓ |", "|---|---|---|---|---|"]
         for name, vals in PAPER_TABLE2.items():
-            lines.append(f"| {name} | {vals['l1']:.3f} | {vals['ssim']:.3f} | {vals['vgg']:.3f} | {vals['lpips']:.3f} |")
+            lines.append(f"| {name} | {vals['l1']:.3f} | {vals['ssim']:.3f} | {vals['vgg']:.3f} "
+                         f"| {vals['lpips']:.3f} |")
     lines += ["", "## Per video", ""]
     lines += ["| row | video | frames | " + " | ".join(t for _, t in cols if t not in ("FID↓", "FVD↓")) + " |"]
     per_cols = [(k, t) for k, t in cols if k not in ("fid", "fvd")]

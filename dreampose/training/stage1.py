@@ -796,7 +796,8 @@ def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
                 if main:
                     lr = optimizer.param_groups[0]["lr"]
                     record = {"step": done, "loss": sum(window) / len(window), "lr": lr,
-                              "seconds": round(now - t_start, 3), "s_per_step": round((now - t_window) / len(window), 4)}
+                              "seconds": round(now - t_start, 3),
+                              "s_per_step": round((now - t_window) / len(window), 4)}
                     _append_jsonl(log_path, record)
                     if callable(progress):
                         progress(record, config.steps)
