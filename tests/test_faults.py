@@ -92,7 +92,10 @@ def no_weight_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the destination was checked")
 
+    import dreampose.demo.model             # imported here, so it binds the real loader and is patched below
+
     monkeypatch.setattr(dreampose.loaders.load, "load_dreampose", refuse)
+    monkeypatch.setattr(dreampose.demo.model, "load_dreampose", refuse)
     monkeypatch.setattr(dreampose.loaders.load, "convert_authors_checkpoint", refuse)
 
 
@@ -361,6 +364,36 @@ def test_animate_replaces_only_its_own_run_of_the_same_job(tmp_path, tiny_dreamp
     assert "is the input --poses" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, flag, name", [("animate", "--image", "frame_0000.png"),
+                                                 ("animate", "--init-latents", "init_latents.safetensors"),
+                                                 ("demo", "--image", "key_frame.png")])
+def test_an_input_the_run_would_write_over_is_refused_even_with_force(command, flag, name, tmp_path,
+                                                                      tiny_dreampose_file, tiny_clip_folder, inputs,
+                                                                      no_weight_loading, capsys):
+    """--force replaces another run's files, never the run's own input (found by the fault sweep: the key
+    frame or x_T kept in the output folder was overwritten by the run that read it)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    source = inputs["image"] if flag == "--image" else None
+    if source:
+        (out / name).write_bytes(_bytes(source))
+    else:
+        atomic_save_safetensors({"latents": torch.zeros(1, 4, H // 8, W // 8)}, str(out / name), {})
+    before = _bytes(out / name)
+    if command == "animate":
+        args = animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, out, "--save-latents", "--force")
+        if flag == "--image":
+            args[args.index("--image") + 1] = str(out / name)
+        else:
+            args += [flag, str(out / name)]
+    else:
+        args = ["demo", "--out", out, "--image", out / name, "--force", "--frames", 2, "--quiet"]
+    assert run_cli(*args) == 2
+    assert f"{flag} {out / name} is one of the files this run writes into --out {out}" in one_error_line(
+        capsys, command)
+    assert _bytes(out / name) == before
+
+
 # ------------------------------------------------------------------------------ limits before heavy work
 
 @pytest.mark.parametrize("size", [(100032, 64), (64, 100032), (100032, 100032)])
@@ -419,6 +452,76 @@ def test_pose_files_with_impossible_values_are_refused(array, message, tmp_path)
     good = np.linspace(0, 1, 128, dtype=np.float64).reshape(2, 8, 8)
     np.save(path, good, allow_pickle=False)
     assert torch.equal(load_uv_file(str(path)), torch.from_numpy(good.astype(np.float32)))
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda p: p.write_bytes(b""), "an empty or cut-off .npy file"),
+    (lambda p: p.write_bytes(_bytes_of_npy(np.zeros((2, 8, 8), np.float32))[:100]), "not a plain numeric .npy array"),
+    (lambda p: p.write_bytes(_bytes_of_npy(np.zeros((2, 8, 8), np.float32))[:300]), "not a plain numeric .npy array"),
+    (lambda p: np.save(p, np.zeros((2, 0, 0), np.float32)), "expected a (2, H, W) UV array with H, W > 0"),
+    (lambda p: np.save(p, np.zeros((2, 8, 0), np.float32)), "expected a (2, H, W) UV array with H, W > 0"),
+])
+def test_empty_or_cut_off_pose_files_are_refused(write, message, tmp_path):
+    from dreampose.pipeline.poses import load_uv_folder
+
+    write(tmp_path / "frame_0_densepose.npy")
+    with pytest.raises(DreamPoseError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        load_uv_folder(str(tmp_path))
+
+
+def _bytes_of_npy(array) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def test_file_flags_pointing_at_a_folder_say_so(tmp_path, tiny_dreampose_file, tiny_clip_folder, inputs,
+                                                no_weight_loading, capsys):
+    args = animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, tmp_path / "o", "--init-latents", tmp_path)
+    assert run_cli(*args) == 2
+    assert f"--init-latents {tmp_path} is a folder; give the .safetensors file" in one_error_line(capsys, "animate")
+    args = animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, tmp_path / "o", "--subject", tmp_path)
+    assert run_cli(*args) == 2
+    assert f"'{tmp_path}' is a folder; give the file itself" in one_error_line(capsys, "animate")
+
+
+def test_threads_beyond_any_machine_are_refused(tmp_path, tiny_dreampose_file, tiny_clip_folder, inputs,
+                                                no_weight_loading, capsys):
+    args = animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, tmp_path / "o")
+    args[args.index("--threads") + 1] = 100000            # made OpenMP crash the process (signal 11)
+    assert run_cli(*args) == 2
+    assert "--threads 100000: at most 1024" in one_error_line(capsys, "animate")
+
+
+def test_an_allocation_failure_is_one_line_not_a_traceback(monkeypatch, capsys):
+    """PyTorch reports a failed allocation as a RuntimeError (CPU) or OutOfMemoryError (CUDA): one line, exit 1.
+    Any other RuntimeError is a bug and keeps its traceback."""
+    import dreampose.cli.synth as synth
+
+    def alloc(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 2560000000 bytes.")
+
+    monkeypatch.setattr(synth, "run", alloc)
+    assert run_cli("synth", "--out", "unused") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dreampose synth: error: out of memory; try a smaller size") and "Traceback" not in err
+    monkeypatch.setattr(synth, "run", lambda args: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_cli("synth", "--out", "unused")
+
+
+def test_the_demo_takes_any_subject_of_the_world_and_a_bounded_clip(tmp_path, capsys):
+    """``demo --subject N`` (a number, not a subject file) used to crash the output check for every N > 0."""
+    assert run_cli("demo", "--out", tmp_path / "d", "--subject", 3, "--frames", 2, "--steps", 1, "--width", 64,
+                   "--height", 64, "--finetune-steps", 0, "--vae-finetune-steps", 0, "--quiet", "--threads", 1) == 0
+    assert (tmp_path / "d" / "frame_0001.png").is_file()
+    for flag, value in (("--subject", 2 ** 32), ("--frames", 10 ** 9)):
+        with pytest.raises(SystemExit) as exc:
+            run_cli("demo", "--out", tmp_path / "e", flag, value)
+        assert exc.value.code == 2 and "must be at most" in capsys.readouterr().err
 
 
 def test_an_image_flag_pointing_at_a_folder_says_so(tmp_path, tiny_dreampose_file, tiny_clip_folder, inputs,

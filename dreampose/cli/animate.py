@@ -88,7 +88,9 @@ def input_paths(args) -> list[tuple[str, str | None]]:
     """Every file or folder the run reads, as (flag, path): no output may be one of them."""
     pairs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
              for name in ("image", "poses", "dreampose", "base", "clip", "vae", "adapter", "init_latents")]
-    return pairs + [("--subject", path) for path in getattr(args, "subject", None) or ()]
+    subjects = getattr(args, "subject", None)          # files here; the demo's --subject is a number
+    return pairs + [("--subject", path) for path in subjects if isinstance(path, str)] if isinstance(
+        subjects, list) else pairs
 
 
 def check_run_options(args, defaults: SamplingOptions, outputs=OUTPUTS) -> SamplingOptions:

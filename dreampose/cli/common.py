@@ -334,6 +334,9 @@ def read_init_latents(path: str, frames: int, height: int, width: int):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if os.path.isdir(path):
+        raise DreamPoseError(f"--init-latents {path} is a folder; give the .safetensors file (e.g. an "
+                             "init_latents.safetensors that --save-latents wrote)")
     if not os.path.isfile(path):
         raise DreamPoseError(f"--init-latents: not found: {path}")
     try:

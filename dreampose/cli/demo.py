@@ -23,6 +23,9 @@ DEMO_NOTICE = ("NOTE: the demo model is a small DreamPose (a few MB, shipped in 
                "DreamPose weights.")
 
 
+MAX_DEMO_FRAMES = 1000     # the whole clip is held in memory (and the GIFs are built from it)
+
+
 def register(sub) -> None:
     p = sub.add_parser("demo", help="animate an unseen synthetic person with the shipped demo model (no download)",
                        description="The shipped demo DreamPose (trained on the synthetic world) animates a test-split "
@@ -31,10 +34,10 @@ def register(sub) -> None:
                                    "IoU against a shuffled pose order.")
     p.add_argument("--out", default="dreampose_demo", help="output folder (default ./dreampose_demo)")
     p.add_argument("--image", help="use this key frame instead of the synthetic subject's")
-    p.add_argument("--frames", type=int_at_least(2), default=DEMO_FRAMES,
-                   help=f"number of pose frames (default {DEMO_FRAMES})")
-    p.add_argument("--subject", type=nonnegative_int, default=0,
-                   help="which test-split subject of the synthetic world (default 0)")
+    p.add_argument("--frames", type=int_at_least(2, MAX_DEMO_FRAMES), default=DEMO_FRAMES,
+                   help=f"number of pose frames (default {DEMO_FRAMES}, at most {MAX_DEMO_FRAMES})")
+    p.add_argument("--subject", type=int_at_least(0, 2 ** 32 - 1), default=0,
+                   help="which test-split subject of the synthetic world, 0 … 2**32-1 (default 0)")
     p.add_argument("--motion", choices=MOTIONS, help="motion family (default: the subject's)")
     p.add_argument("--finetune-steps", type=nonnegative_int, default=DEMO_FINETUNE_STEPS,
                    help=f"UNet+adapter finetune steps on the key frame, the paper's subject phase "

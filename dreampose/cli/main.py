@@ -17,6 +17,9 @@ from . import animate, batch, bench, convert, demo, finetune, prepare, synth, tr
 from . import eval as evaluate
 from .common import err
 
+MAX_THREADS = 1024            # far past any machine's cores; 100000 made OpenMP crash the process
+OUT_OF_MEMORY = "out of memory; try a smaller size, fewer --frames-per-batch, or --dtype fp16/bf16 on a GPU"
+ALLOCATION_FAILED = ("can't allocate memory", "CUDA out of memory", "out of memory", "not enough memory")
 COMMANDS = (animate, batch, demo, convert, finetune, bench, synth, prepare, train, evaluate)
 
 
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     threads = None
     try:
         if getattr(args, "threads", None):
+            if args.threads > MAX_THREADS:
+                raise DreamPoseError(f"--threads {args.threads}: at most {MAX_THREADS} (more threads than cores "
+                                     "only slow PyTorch down; this machine has "
+                                     f"{os.cpu_count() or 'an unknown number of'} cores)")
             import torch
 
             threads = torch.get_num_threads()
@@ -63,8 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             "name that is not complete")
         return 1
     except MemoryError:
-        err(f"dreampose {args.command}: error: out of memory; try a smaller size, fewer --frames-per-batch, "
-            "or --dtype fp16/bf16 on a GPU")
+        err(f"dreampose {args.command}: error: {OUT_OF_MEMORY}")
+        return 1
+    except RuntimeError as exc:   # PyTorch's allocators say it this way (CPU and CUDA)
+        if not any(words in str(exc) for words in ALLOCATION_FAILED):
+            raise
+        err(f"dreampose {args.command}: error: {OUT_OF_MEMORY} ({str(exc).splitlines()[0][:200]})")
         return 1
     finally:
         if threads is not None:   # main() may run inside another program (tests): leave it as found

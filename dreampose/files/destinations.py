@@ -106,6 +106,10 @@ def check_writable(path: str, flag: str, *, need_bytes: int = 0) -> None:
                              f"{free / 2 ** 20:.0f} MiB are free there; free some space or write somewhere else")
 
 
+def _matches(name: str, patterns: list[str | re.Pattern]) -> bool:
+    return any(p.match(name) if isinstance(p, re.Pattern) else name == p for p in patterns)
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -155,13 +159,17 @@ def check_output_folder(folder: str, flag: str, names: Iterable[str | re.Pattern
     says the folder holds an earlier run of this very job (same command and options)."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise DreamPoseError(f"{flag} {folder} is a file; give a folder")
+    patterns = list(names)
     for in_flag, in_path in inputs:
         if in_path and os.path.isdir(folder) and _same_file(folder, in_path):
             raise DreamPoseError(f"{flag} {folder} is the input {in_flag}: give another output folder")
+        # an input this run would write over: never, --force or not
+        if (in_path and os.path.isdir(folder) and _same_file(os.path.dirname(os.path.abspath(in_path)), folder)
+                and _matches(os.path.basename(in_path), patterns)):
+            raise DreamPoseError(f"{in_flag} {in_path} is one of the files this run writes into {flag} {folder}; "
+                                 "move it elsewhere or give another output folder")
     if os.path.isdir(folder) and not force and not (same_job is not None and same_job(folder)):
-        patterns = list(names)
-        taken = sorted(n for n in os.listdir(folder)
-                       if any(p.match(n) if isinstance(p, re.Pattern) else n == p for p in patterns))
+        taken = sorted(n for n in os.listdir(folder) if _matches(n, patterns))
         if taken:
             more = f" and {len(taken) - 3} more" if len(taken) > 3 else ""
             raise DreamPoseError(f"{flag} {folder} already holds {', '.join(taken[:3])}{more} from another run; "

@@ -12,6 +12,8 @@ from ..errors import DreamPoseError
 
 def require_path(path: str | None, what: str, *, hint: str = "", file: bool = False) -> str:
     """``path`` if it exists (as a file when ``file``), else ``"<what> not found: '<path>'. <hint>"``."""
+    if path and file and os.path.isdir(path):
+        raise DreamPoseError(f"{what}: {path!r} is a folder; give the file itself" + (f". {hint}" if hint else ""))
     if not path or not (os.path.isfile(path) if file else os.path.exists(path)):
         raise DreamPoseError(f"{what} not found: {path!r}" + (f". {hint}" if hint else ""))
     return path

@@ -97,10 +97,13 @@ def load_uv_file(path: str) -> torch.Tensor:
     """One authors'-format pose file, ``[2,H,W]``; never unpickles (``allow_pickle=False``)."""
     try:
         arr = np.load(path, allow_pickle=False)
-    except ValueError as exc:
+    except EOFError as exc:
+        raise DreamPoseError(f"{path}: an empty or cut-off .npy file ({exc}); write that frame's UV again") from exc
+    except (ValueError, OSError) as exc:
         raise DreamPoseError(f"{path}: not a plain numeric .npy array ({exc})") from exc
-    if arr.ndim != 3 or arr.shape[0] != 2:
-        raise DreamPoseError(f"{path}: expected a (2, H, W) UV array, got shape {arr.shape}")
+    if not isinstance(arr, np.ndarray) or arr.ndim != 3 or arr.shape[0] != 2 or 0 in arr.shape:
+        raise DreamPoseError(f"{path}: expected a (2, H, W) UV array with H, W > 0, got shape "
+                             f"{getattr(arr, 'shape', type(arr).__name__)}")
     return torch.from_numpy(check_uv_values(arr, path).astype(np.float32))
 
 
