@@ -415,16 +415,21 @@ def test_interrupted_run_resumes_to_the_same_files(tmp_path, model, monkeypatch)
     assert tree(out) == tree(tmp_path / "full")
 
 
-def test_hand_made_partial_folder_resumes_to_the_same_files(tmp_path, model, monkeypatch):
+def test_interrupted_folder_with_gaps_resumes_to_the_same_files(tmp_path, model, monkeypatch):
     root = tmp_path / "root"
     write_video(root / "v.mp4")
     options = prepare.PrepareOptions(**FAST)
     prepare.prepare_dataset(str(root), str(tmp_path / "full"), densepose=model, options=options)
+
+    def stop(event):
+        if event.kind == "frames" and event.done >= 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):          # frames 0 and 1 done, and the folder's job recorded (prepare.PLAN)
+        prepare.prepare_dataset(str(root), str(tmp_path / "out"), densepose=model, options=options, progress=stop)
     partial = tmp_path / "out" / "v"
-    partial.mkdir(parents=True)
-    for k in (0, 1, 4):                                     # done frames, with a gap
-        for name in (f"frame_{k}.png", f"frame_{k}_densepose.npy"):
-            shutil.copy(tmp_path / "full" / "v" / name, partial / name)
+    for name in ("frame_4.png", "frame_4_densepose.npy"):  # done frames, with a gap
+        shutil.copy(tmp_path / "full" / "v" / name, partial / name)
     (partial / "frame_2.png").write_bytes(b"half")          # a png without its npy is not done
     (partial / ".frame_3.png.999.tmp").write_bytes(b"x")    # a crashed run's temporary file
     (partial / "frame_9.png").write_bytes(b"x")             # beyond the video's frames: removed
@@ -466,3 +471,53 @@ def test_resume_with_other_settings_is_refused_then_overwritten(tmp_path, model)
     assert summary.skipped == ["v"]
     assert [e.message for e in events if e.kind == "skipped"] == [
         "prepared with other settings (every 2 → 1); use overwrite to redo it"]
+
+
+# ---------------------------------------------------------------------------------------------- refused before work
+
+def test_out_holding_files_prepare_did_not_write_is_refused(tmp_path, capsys):
+    frames = synthetic_frames(3)
+    write_frame_folder(tmp_path / "src" / "clip", frames, {k: authors_uv(k) for k in range(1, 4)})
+    out = tmp_path / "out"
+    theirs = out / "clip"
+    write_frame_folder(theirs, synthetic_frames(6, seed=3), {k: authors_uv(9) for k in range(1, 7)})
+    (theirs / "frame_0.png").write_bytes(b"someone's frame")      # numbered like prepare's own files
+    before = tree(out)
+    for options in (prepare.PrepareOptions(), prepare.PrepareOptions(overwrite=True)):
+        with pytest.raises(DreamPoseError, match=r"clip already holds frame_0.png and \d+ more that prepare did not "
+                                                 r"write for this job; pass --force"):
+            prepare.prepare_dataset(str(tmp_path / "src"), str(out), options=options)
+        assert tree(out) == before
+    assert run_cli(tmp_path / "src", "--out", out) == 2
+    assert "pass --force" in capsys.readouterr().err and tree(out) == before
+    assert run_cli(tmp_path / "src", "--out", out, "--force", "--quiet") == 0
+    prepare.prepare_dataset(str(tmp_path / "src"), str(tmp_path / "fresh"))
+    fresh = tree(tmp_path / "fresh" / "clip")
+    got = tree(theirs)
+    assert {n: got[n] for n in fresh if n != MARKER} == {n: b for n, b in fresh.items() if n != MARKER}
+    assert sorted(got) == sorted(fresh)        # the other source's frames beyond these 3 are gone too
+    # a finished folder another tool marked is kept as it is; redoing it (overwrite) needs force too
+    marked = tmp_path / "marked"
+    (marked / "clip").mkdir(parents=True)
+    (marked / "clip" / "frame_0.png").write_bytes(b"x")
+    (marked / "clip" / MARKER).write_text(json.dumps({"source": "synthetic world", "frames": 1}))
+    assert prepare.prepare_dataset(str(tmp_path / "src"), str(marked)).skipped == ["clip"]
+    with pytest.raises(DreamPoseError, match="did not write for this job"):
+        prepare.prepare_dataset(str(tmp_path / "src"), str(marked), options=prepare.PrepareOptions(overwrite=True))
+    assert (marked / "clip" / "frame_0.png").read_bytes() == b"x"
+
+
+def test_sizes_beyond_max_size_are_refused_before_any_work(tmp_path, capsys):
+    from dreampose.settings import MAX_SIZE
+
+    write_frame_folder(tmp_path / "src" / "clip", synthetic_frames(2), {1: authors_uv(1), 2: authors_uv(2)})
+    out = tmp_path / "out"
+    big = prepare.PrepareOptions(width=100000, height=100000)
+    with pytest.raises(DreamPoseError, match=rf"height 100000 is larger than {MAX_SIZE} pixels"):
+        prepare.prepare_dataset(str(tmp_path / "src"), str(out), options=big)
+    assert run_cli(tmp_path / "src", "--out", out, "--height", 100000) == 2
+    assert f"larger than {MAX_SIZE} pixels" in capsys.readouterr().err and not out.exists()
+    # one side given: the other follows the aspect ratio (64:48), here beyond the limit; that video fails unwritten
+    summary = prepare.prepare_dataset(str(tmp_path / "src"), str(out), options=prepare.PrepareOptions(height=MAX_SIZE))
+    assert [rel for rel, _ in summary.failed] == ["clip"] and f"larger than {MAX_SIZE}" in summary.failed[0][1]
+    assert not (out / "clip").exists()

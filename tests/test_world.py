@@ -244,21 +244,35 @@ def test_split_seeds_never_meet():
     assert outfit_seed != motion_seed
 
 
-def test_dataset_resumes_and_splits_differ(tmp_path):
+class Interrupt(BaseException):
+    """Stands for Ctrl-C or a killed process."""
+
+
+def test_dataset_resumes_and_splits_differ(tmp_path, monkeypatch):
     root = str(tmp_path / "ds")
     calls = []
-    folders = world.write_world_dataset(root, videos=2, frames=2, height=64, width=48, seed=3,
+    folders = world.write_world_dataset(root, videos=1, frames=2, height=64, width=48, seed=3,
                                         progress=lambda *a: calls.append(a))
-    assert [os.path.basename(f) for f in folders] == ["world_0000", "world_0001"]
-    assert [c[3] for c in calls] == [False, False] and calls[-1][:2] == (2, 2)
+    assert [c[3] for c in calls] == [False] and calls[-1][:2] == (1, 1)
+
+    def stop(*args, **kw):
+        raise Interrupt
+
+    with monkeypatch.context() as m:                          # the second video stops before its marker
+        m.setattr(world, "write_marker", stop)
+        with pytest.raises(Interrupt):
+            world.write_world_dataset(root, videos=2, frames=2, height=64, width=48, seed=3)
+    folders = [os.path.join(root, "train", f"world_000{k}") for k in range(2)]
+    assert os.path.isfile(os.path.join(folders[1], world.PARTIAL)) and not os.path.exists(
+        os.path.join(folders[1], MARKER))
     os.remove(os.path.join(folders[0], "frame_1.png"))       # a finished folder must not be touched again
-    os.remove(os.path.join(folders[1], MARKER))              # an unfinished one is redone
     calls.clear()
     world.write_world_dataset(root, videos=3, frames=2, height=64, width=48, seed=3,
                               progress=lambda *a: calls.append(a))
     assert [c[3] for c in calls] == [True, False, False]
     assert not os.path.exists(os.path.join(folders[0], "frame_1.png"))
-    assert os.path.exists(os.path.join(folders[1], MARKER))
+    assert os.path.exists(os.path.join(folders[1], MARKER))   # the interrupted one was redone
+    assert not os.path.exists(os.path.join(folders[1], world.PARTIAL))
     test_folders = world.write_world_dataset(root, videos=3, frames=2, height=64, width=48, seed=3, split="test")
     assert os.path.dirname(test_folders[0]) == os.path.join(root, "test")
 
@@ -305,3 +319,92 @@ def test_cli_refuses_a_file_as_out(tmp_path, capsys):
     path.write_text("x")
     assert main(["synth", "--out", str(path), "--videos", "1"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def _files(folder) -> dict[str, bytes]:
+    out = {}
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, name), folder)] = f.read()
+    return out
+
+
+def test_dataset_refuses_files_no_synth_run_wrote(tmp_path):
+    root = tmp_path / "ds"
+    mine = root / "train" / "world_0001"
+    mine.mkdir(parents=True)
+    (mine / "frame_0.png").write_bytes(b"my own picture")       # someone else's frames, no marker, no job record
+    (mine / "notes.txt").write_text("keep")
+    before = _files(root)
+    args = dict(videos=2, frames=2, height=64, width=48)
+    with pytest.raises(DreamPoseError, match=r"world_0001 holds frame_0.png that no synth run wrote .*--force"):
+        world.write_world_dataset(str(root), **args)
+    assert _files(root) == before and not (root / "train" / "world_0000").exists()   # refused before any work
+    (mine / world.PARTIAL).write_text(json.dumps({"job": {"seed": 99}}))    # an interrupted run of another job
+    with pytest.raises(DreamPoseError, match="another synth run"):
+        world.write_world_dataset(str(root), **args)
+    world.write_world_dataset(str(root), force=True, **args)
+    assert (mine / "notes.txt").read_text() == "keep" and (mine / "frame_0.png").read_bytes() != b"my own picture"
+    assert len(find_videos(str(root))) == 2 and not (mine / world.PARTIAL).exists()
+
+
+def test_dataset_limits_are_checked_before_any_work(tmp_path, monkeypatch):
+    root = tmp_path / "ds"
+    with pytest.raises(DreamPoseError, match=r"at most 4294967296 videos"):
+        world.write_world_dataset(str(root), videos=10 ** 12, frames=2, height=64, width=64)
+    with pytest.raises(DreamPoseError, match=r"10\*\*9|1000000000 video\(s\) .* on disk .*fewer --videos"):
+        world.write_world_dataset(str(root), videos=10 ** 9, frames=2, height=64, width=64)
+    monkeypatch.setattr(world, "free_memory", lambda: 2 ** 30)
+    with pytest.raises(DreamPoseError, match=r"one video of 1000000000 frames at 64x64 needs about .* of memory and "
+                                             r"only 1.0 GiB is available; ask for fewer --frames"):
+        world.write_world_dataset(str(root), videos=1, frames=10 ** 9, height=64, width=64)
+    assert not root.exists()
+    # the disk must hold the videos still to write: finished ones of this job do not count
+    per_video = 2 * 64 * 48 * world.DISK_PER_PIXEL + 2 * 512 + 8192
+    world.write_world_dataset(str(root), videos=2, frames=2, height=64, width=48)
+    monkeypatch.setattr(world, "_free_disk", lambda path: 2 * per_video)
+    with pytest.raises(DreamPoseError, match=r"3 video\(s\) of 2 frames at 48x64 need about"):
+        world.write_world_dataset(str(root), videos=5, frames=2, height=64, width=48)
+    assert len(find_videos(str(root))) == 2
+    world.write_world_dataset(str(root), videos=4, frames=2, height=64, width=48)
+    assert len(find_videos(str(root))) == 4
+
+
+def test_cli_refuses_a_huge_request_before_any_work(tmp_path, capsys):
+    out = tmp_path / "synth"
+    for argv in (["--frames", "1000000000"], ["--videos", "1000000000"]):
+        assert main(["synth", "--out", str(out), "--height", "64", "--width", "64", "--quiet", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and ("of memory" in err or "on disk" in err) and "fewer" in err
+    assert not out.exists()
+
+
+def test_cli_preview_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    out = tmp_path / "synth"
+    base = ["synth", "--out", str(out), "--videos", "1", "--frames", "2", "--height", "64", "--width", "64",
+            "--split", "test", "--quiet"]
+    holiday = tmp_path / "holiday.png"
+    holiday.write_bytes(b"not a contact sheet")
+    assert main([*base, "--preview", str(holiday)]) == 2
+    assert "--preview" in capsys.readouterr().err and holiday.read_bytes() == b"not a contact sheet"
+    assert not out.exists()                                         # refused before any work
+    video = out / "test" / "world_0000"
+    for argv in (["--preview", str(video / "frame_0.png")],           # a frame this same run writes
+                 ["--preview", str(video / "sheet.png")],             # in a folder whose frame files it replaces
+                 ["--out", str(tmp_path / "o.png"), "--preview", str(tmp_path / "o.png")]):   # --out itself
+        assert main([*base, *argv]) == 2
+        assert "--preview" in capsys.readouterr().err
+        assert not out.exists() and not (tmp_path / "o.png").exists()
+    sheet = tmp_path / "sheet.png"
+    assert main([*base, "--preview", str(sheet)]) == 0
+    first = sheet.read_bytes()
+    assert main([*base, "--preview", str(sheet)]) == 0                # a rerun of the job may rewrite its own sheet
+    assert sheet.read_bytes() == first
+    assert main([*base, "--seed", "5", "--force", "--preview", str(sheet)]) == 0   # another job: only with --force
+    assert main([*base, "--preview", str(holiday)]) == 2
+    assert main([*base, "--force", "--preview", str(holiday)]) == 0
+    assert load_frame(str(holiday)).shape[-2:] == load_frame(str(sheet)).shape[-2:]
+    capsys.readouterr()
+    assert main([*base, "--seed", "6", "--preview", str(sheet)]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -34,6 +34,9 @@ def register(sub) -> None:
     groups["DensePose"].add_argument("--device", default="auto",
                                      help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N")
     add_options(p, PrepareOptions, ("overwrite",))
+    p.add_argument("--force", action="store_true",
+                   help="replace frame and pose files in --out that prepare did not write for this job (another "
+                        "source's, or put there by hand); without it such a folder is refused before any work")
     p.add_argument("--threads", type=positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--quiet", action="store_true", help="only warnings, failures and the summary")
     p.set_defaults(func=run)
@@ -83,13 +86,14 @@ class _Printer:
 
 def run(args) -> int:
     from ..models.devices import resolve_device
-    from ..data.prepare import prepare_dataset
+    from ..data.prepare import check_size, prepare_dataset
 
     options = options_from_args(args, PrepareOptions()).check()
+    check_size(options)
     device = resolve_device(args.device)
     t0 = time.perf_counter()
     summary = prepare_dataset(args.source, args.out, densepose=args.densepose, device=device, options=options,
-                              progress=_Printer(args.quiet))
+                              progress=_Printer(args.quiet), force=args.force)
     print(f"prepare: {len(summary.prepared)} prepared, {len(summary.skipped)} skipped (already prepared), "
           f"{len(summary.failed)} failed; {summary.frames_written} frame(s) written to {args.out} "
           f"in {time.perf_counter() - t0:.1f} s")

@@ -37,7 +37,7 @@ from ..errors import DreamPoseError
 from ..files.atomic import atomic_output
 from ..files.paths import IMAGE_SUFFIXES, natural_key
 from ..pipeline.poses import load_uv_file, uv_file_name
-from ..settings import PrepareOptions
+from ..settings import MAX_SIZE, PrepareOptions
 from .dataset import MARKER, frame_file_name, write_marker
 from .densepose import DensePoseModel, estimate_uv, load_densepose_model
 
@@ -49,6 +49,7 @@ _OURS = re.compile(r"^frame_(\d+)(?:\.png|_densepose\.npy)$")
 _TEMP = re.compile(r"^\.frame_\d+(?:\.png|_densepose\.npy)\.\d+\.tmp$")
 _NOT_A_FRAME = re.compile(r"_(?:iuv|densepose)\.png$", re.IGNORECASE)   # IUV pictures, visualisations
 _SETTING_KEYS = ("height", "width", "every", "fps", "max_frames")        # what decides the frames written
+_CREATED_BY = "python -m dreampose prepare"                              # in the marker of a folder prepare made
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -374,9 +375,44 @@ def _differences(old: dict, new: dict, keys) -> str:
     return ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
+def check_size(options: PrepareOptions) -> None:
+    """The output size asked for is at most :data:`MAX_SIZE` (the largest frame the other commands make):
+    checked before any work, where a huge size would only fail (out of memory) on the first frame."""
+    for name in ("height", "width"):
+        value = getattr(options, name)
+        if isinstance(value, int) and value > MAX_SIZE:
+            raise DreamPoseError(f"{name} {value} is larger than {MAX_SIZE} pixels, the largest frame size; give "
+                                 f"at most {MAX_SIZE}")
+
+
+def foreign_files(folder: str, options: PrepareOptions) -> list[str]:
+    """The files in an output video folder that this job would replace but did not write: frames and
+    poses in a folder with no ``prepare.partial.json`` (prepare writes it before any frame, so its own
+    interrupted folders have one), or, on overwrite, those of a finished folder another tool marked."""
+    if not os.path.isdir(folder):
+        return []
+    marker = os.path.join(folder, MARKER)
+    if os.path.isfile(marker):
+        if not options.overwrite or (_read_json(marker) or {}).get("created_by") == _CREATED_BY:
+            return []   # kept as it is, or redone as this command's own
+        return _our_files(folder)
+    if os.path.isfile(os.path.join(folder, PLAN)):
+        return []
+    return [n for n in _our_files(folder) if _OURS.match(n)]
+
+
+def check_not_foreign(folder: str, options: PrepareOptions, force: bool) -> None:
+    """Refuse, before any work, to replace files in ``folder`` that prepare did not write for this job."""
+    theirs = [] if force else foreign_files(folder, options)
+    if theirs:
+        more = f" and {len(theirs) - 1} more" if len(theirs) > 1 else ""
+        raise DreamPoseError(f"{folder} already holds {theirs[0]}{more} that prepare did not write for this job; "
+                             "pass --force to replace them, or give another --out")
+
+
 def _start_folder(folder: str, settings: dict, overwrite: bool) -> None:
-    """Make the folder ready to (re)write: clear it on overwrite, else refuse to finish a folder
-    started with other settings; drop temporary files of an interrupted run; record the settings."""
+    """Make the folder ready to (re)write: clear it on overwrite (or --force), else refuse to finish a
+    folder started with other settings; drop temporary files of an interrupted run; record the settings."""
     os.makedirs(folder, exist_ok=True)
     if overwrite:
         _remove(folder, _our_files(folder))
@@ -427,8 +463,9 @@ def _open(source: Source, options: PrepareOptions):
 
 def prepare_source(source: Source, out_dir: str, *, estimator: DensePoseModel | None = None,
                    options: PrepareOptions = PrepareOptions(),
-                   progress: Callable[[PrepareEvent], None] | None = None) -> dict:
-    """Prepare one video or frame folder into ``out_dir``; resume it if unfinished.
+                   progress: Callable[[PrepareEvent], None] | None = None, force: bool = False) -> dict:
+    """Prepare one video or frame folder into ``out_dir``; resume it if unfinished. Files there that
+    prepare did not write for this job are refused before any work unless ``force`` (replaces them).
 
     Returns ``{"status": "prepared" | "skipped", "frames", "written", "resumed", "empty_frames",
     "info" (the marker), "note"}``. Raises :class:`DreamPoseError` for a source that cannot be read;
@@ -436,6 +473,11 @@ def prepare_source(source: Source, out_dir: str, *, estimator: DensePoseModel | 
     written. A loaded ``estimator`` runs on the device it is on.
     """
     options.check()
+    check_size(options)
+    if os.path.realpath(out_dir) == os.path.realpath(source.path):
+        raise DreamPoseError(f"{source.path}: the output folder is the source folder itself; choose another output")
+    check_not_foreign(out_dir, options, force)
+    replace_theirs = bool(force and foreign_files(out_dir, options))
     emit = progress or (lambda event: None)
     if os.path.isfile(os.path.join(out_dir, MARKER)) and not options.overwrite:
         _remove(out_dir, [PLAN])   # a run stopped between marker and clean-up
@@ -447,18 +489,16 @@ def prepare_source(source: Source, out_dir: str, *, estimator: DensePoseModel | 
         frames = (marker or {}).get("frames", 0)
         return {"status": "skipped", "frames": frames, "written": 0, "resumed": 0,
                 "empty_frames": (marker or {}).get("empty_frames", []), "info": marker, "note": note}
-    if os.path.realpath(out_dir) == os.path.realpath(source.path):
-        raise DreamPoseError(f"{source.path}: the output folder is the source folder itself; choose another output")
 
     reader = _open(source, options)
     try:
-        return _prepare(source, reader, out_dir, estimator, options, emit)
+        return _prepare(source, reader, out_dir, estimator, options, emit, replace_theirs)
     finally:
         reader.close()
 
 
 def _prepare(source: Source, reader, out_dir: str, estimator: DensePoseModel | None, options: PrepareOptions,
-             emit: Callable[[PrepareEvent], None]) -> dict:
+             emit: Callable[[PrepareEvent], None], replace_theirs: bool = False) -> dict:
     what = source.rel
     step, out_fps = pick_step(options, reader.fps, source.path)
     fixed = bool(options.height and options.width)
@@ -473,8 +513,11 @@ def _prepare(source: Source, reader, out_dir: str, estimator: DensePoseModel | N
                              "TorchScript export (densepose_r50_fpn_dl.torchscript)")
     src_h, src_w = reader.size
     out_h, out_w = output_size(src_h, src_w, options.height, options.width)
+    if max(out_h, out_w) > MAX_SIZE:
+        raise DreamPoseError(f"{source.path}: its frames would be {out_w}x{out_h} (WxH), larger than {MAX_SIZE} "
+                             f"pixels; give --height and --width of at most {MAX_SIZE} to resize them")
     settings = _settings(options, estimates, estimator)
-    _start_folder(out_dir, settings, options.overwrite)
+    _start_folder(out_dir, settings, options.overwrite or replace_theirs)
     total = reader.expected(step, options.max_frames)
 
     indices: list[int] = []
@@ -541,7 +584,7 @@ def _prepare(source: Source, reader, out_dir: str, estimator: DensePoseModel | N
     info = {"source": source.path, "kind": source.kind, "frames": frames, "fps": out_fps, "height": out_h,
             "width": out_w, "source_fps": reader.fps, "source_height": src_h, "source_width": src_w,
             "source_frames": indices, "uv_source": uv_source, "empty_frames": empty, "settings": settings,
-            "created_by": "python -m dreampose prepare"}
+            "created_by": _CREATED_BY}
     write_marker(out_dir, **info)
     _remove(out_dir, [PLAN])
     if len(empty) > EMPTY_WARN_FRACTION * frames:
@@ -582,20 +625,25 @@ class PrepareSummary:
 
 def prepare_dataset(root: str, out: str, *, densepose: str | DensePoseModel | None = None,
                     device: torch.device | str = "cpu", options: PrepareOptions = PrepareOptions(),
-                    progress: Callable[[PrepareEvent], None] | None = None) -> PrepareSummary:
+                    progress: Callable[[PrepareEvent], None] | None = None, force: bool = False) -> PrepareSummary:
     """Prepare every source below ``root`` into ``out`` (see the module notes). A source that fails
     is reported (a ``failed`` event and in the summary) and the rest continue.
 
-    Checked before any frame is decoded: the options, the output path, that there are sources,
-    and that a DensePose model is given if some unfinished source has frames without an existing
-    ``.npy`` (the error names it). ``densepose``: a TorchScript file or a loaded model.
+    Checked before any frame is decoded: the options (sizes at most MAX_SIZE), the output path, that
+    there are sources, that no output folder holds files prepare did not write for this job (unless
+    ``force``, which replaces them), and that a DensePose model is given if some unfinished source
+    has frames without an existing ``.npy`` (the error names it). ``densepose``: a TorchScript file
+    or a loaded model.
     """
     options.check()
+    check_size(options)
     if os.path.exists(out) and not os.path.isdir(out):
         raise DreamPoseError(f"output {out!r} is a file; give a folder")
     if os.path.isdir(root) and os.path.realpath(out) == os.path.realpath(root):
         raise DreamPoseError(f"the output folder is the source folder {root!r}; give another output folder")
     sources = find_sources(root, exclude=(out,))
+    for source in sources:
+        check_not_foreign(os.path.join(out, source.rel), options, force)
     emit = progress or (lambda event: None)
 
     # which unfinished sources need the estimator; per-source problems found now fail that source
@@ -635,7 +683,8 @@ def prepare_dataset(root: str, out: str, *, densepose: str | DensePoseModel | No
         try:
             if source.rel in early_failures:
                 raise DreamPoseError(early_failures[source.rel])
-            result = prepare_source(source, target, estimator=model, options=options, progress=report)
+            result = prepare_source(source, target, estimator=model, options=options, progress=report,
+                                    force=force)
         except Exception as exc:  # noqa: BLE001  (one bad video must not stop a long run; Ctrl-C still does)
             reason = str(exc) if isinstance(exc, DreamPoseError) else f"{type(exc).__name__}: {exc}"
             summary.failed.append((source.rel, reason))

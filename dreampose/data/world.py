@@ -20,13 +20,14 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from ..errors import DreamPoseError
-from ..files.atomic import write_npy_atomic
+from ..files.atomic import write_json_atomic, write_npy_atomic
 from ..pipeline.poses import prepare_frame_folder, uv_file_name
 from ..pipeline.video import save_image, to_uint8, write_mp4
 from ..settings import MOTIONS, SPLITS, SynthSettings, check_choice
@@ -638,14 +639,43 @@ def silhouette(frames: torch.Tensor, threshold: float = 0.08) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- datasets
 
 _OWN_FILES = (re.compile(r"^frame_(\d+)\.png$"), re.compile(r"^frame_(\d+)_densepose\.npy$"))
+_MP4_NAME = "video.mp4"
+PARTIAL = "synth.partial.json"   # an unfinished video folder's job, so a later run knows its own leftovers
+_FOLDER = re.compile(r"^world_(\d{4,})$")
+MAX_VIDEOS = 2 ** 32             # world_seeds numbers the videos of a split in 32 bits
+MEMORY_PER_PIXEL = 64            # peak bytes of memory per frame pixel while one video is rendered and written
+DISK_PER_PIXEL = 12              # bytes on disk per frame pixel, at most: UV npy 8, PNG up to 3, mp4 about 1
+
+
+def world_job(*, seed: int, frames: int, height: int, width: int, fps: float, split: str) -> dict:
+    """What decides a synth video's files: a folder is kept or resumed only for this same job."""
+    return {"seed": seed, "frames": frames, "height": height, "width": width, "fps": fps, "split": split}
+
+
+def world_folder(root: str, split: str, index: int) -> str:
+    return os.path.join(root, split, f"world_{index:04d}")
+
+
+def in_world_folder(path: str, root: str, split: str, videos: int) -> bool:
+    """Whether ``path`` lies in one of the video folders that ``write_world_dataset(root, split=split,
+    videos=videos)`` writes (whose ``frame_N`` files it replaces), also through links."""
+    parent = os.path.dirname(os.path.abspath(path))
+    real = os.path.realpath(parent)
+    for name in {os.path.basename(parent), os.path.basename(real)}:
+        m = _FOLDER.match(name)
+        if (m and int(m.group(1)) < videos and os.path.basename(world_folder(root, split, int(m.group(1)))) == name
+                and os.path.realpath(os.path.join(root, split, name)) == real):
+            return True
+    return False
 
 
 def write_video_folder(folder: str, video: WorldVideo, *, fps: float = SynthSettings.fps, mp4: str | None = None,
-                       info: dict | None = None) -> str:
+                       info: dict | None = None, job: dict | None = None) -> str:
     """One prepared video folder (``frame_N.png`` + ``frame_N_densepose.npy``, marker last).
 
     Frame files an earlier, interrupted run left in ``folder`` are replaced, never mixed in.
-    ``mp4``: also write the frames as a video there (to feed ``prepare`` in tests).
+    ``mp4``: also write the frames as a video there (to feed ``prepare`` in tests). ``job``: recorded in
+    :data:`PARTIAL` until the marker is written, so a rerun knows an interrupted folder as its own.
     """
     count, _, height, width = video.frames.shape
     if tuple(video.uv.shape) != (count, 2, height, width):
@@ -653,6 +683,8 @@ def write_video_folder(folder: str, video: WorldVideo, *, fps: float = SynthSett
     os.makedirs(folder, exist_ok=True)
     if os.path.exists(os.path.join(folder, MARKER)):
         os.remove(os.path.join(folder, MARKER))   # unfinished until the new marker is written
+    if job is not None:
+        write_json_atomic(os.path.join(folder, PARTIAL), {"job": job}, sort_keys=True)
     for pattern in _OWN_FILES:
         prepare_frame_folder(folder, pattern, overwrite=True)
     pictures = to_uint8(video.frames.permute(0, 2, 3, 1))
@@ -663,7 +695,16 @@ def write_video_folder(folder: str, video: WorldVideo, *, fps: float = SynthSett
         write_mp4(pictures, mp4, fps)
     meta = dict(info or {})
     meta.update(frames=count, height=height, width=width, source="synthetic world", fps=fps)   # these always hold
-    return write_marker(folder, **meta)
+    path = write_marker(folder, **meta)
+    _remove_partial(folder)
+    return path
+
+
+def _remove_partial(folder: str) -> None:
+    try:
+        os.remove(os.path.join(folder, PARTIAL))
+    except FileNotFoundError:
+        pass
 
 
 def world_seeds(seed: int, split: str, index: int) -> tuple[int, int]:
@@ -671,22 +712,125 @@ def world_seeds(seed: int, split: str, index: int) -> tuple[int, int]:
     (seed, split, index, role), so no two splits ever share a subject or a motion."""
     seed = _check_seed(seed)
     check_choice(split, SPLITS, "split")
-    if not 0 <= index < 2 ** 32:
+    if not 0 <= index < MAX_VIDEOS:
         raise DreamPoseError(f"video index out of range: {index}")
     base = ((seed * 2 ** 32 + index) * len(SPLITS) + SPLITS.index(split)) * 2
     return base, base + 1
 
 
-def _same_world_job(folder: str, job: dict) -> bool | None:
-    """None: no finished video there; True: one of this very job; False: another run's."""
+def _read_json(path: str):
+    """The JSON in ``path``; None when there is no such file, ``...`` when it is unreadable."""
     try:
-        with open(os.path.join(folder, MARKER)) as f:
-            info = json.load(f)
+        with open(path) as f:
+            return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and all(info.get(k) == v for k, v in job.items())
+        return ...
+
+
+def _folder_state(folder: str, job: dict) -> tuple[str, list[str]]:
+    """(state, the files that decide it): ``free`` (nothing of anyone's to replace, or this job's unfinished folder),
+    ``done`` (finished by this very job), ``other`` (another synth run's video), ``foreign`` (frame
+    files that no synth run recorded: replacing them needs ``force``)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DreamPoseError(f"{folder} is a file where synth writes a video folder; move it away or give "
+                             "another --out")
+    info = _read_json(os.path.join(folder, MARKER))
+    if info is not None:
+        same = isinstance(info, dict) and all(info.get(k) == v for k, v in job.items())
+        return ("done" if same else "other"), [MARKER]
+    if not os.path.isdir(folder):
+        return "free", []
+    partial = _read_json(os.path.join(folder, PARTIAL))
+    if partial is not None:
+        return ("free" if isinstance(partial, dict) and partial.get("job") == job else "other"), [PARTIAL]
+    theirs = sorted(n for n in os.listdir(folder) if n == _MP4_NAME or any(p.match(n) for p in _OWN_FILES))
+    return ("foreign" if theirs else "free"), theirs
+
+
+def _existing_folders(root: str, split: str, videos: int) -> list[int]:
+    """Indices below ``videos`` whose folder exists: read from the split's listing, so the check of a
+    huge request does not cost one look-up per video."""
+    try:
+        names = os.listdir(os.path.join(root, split))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    found = (int(m.group(1)) for n in names if (m := _FOLDER.match(n)))
+    return sorted(k for k in set(found) if k < videos and os.path.lexists(world_folder(root, split, k)))
+
+
+def _human(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def free_memory() -> int | None:
+    """Bytes this process may still allocate (the system's available memory, a container's limit,
+    ``ulimit -v``), None when unknown."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            limits += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    if not limits and hasattr(os, "sysconf"):   # no /proc (macOS): the physical memory at least
+        try:
+            limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError):
+            pass
+    try:   # a container's limit (cgroup v2); the file cache it counts can be dropped, so it is not in use
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            text, used = f.read().strip(), int(g.read().strip())
+        if text != "max":
+            with open("/sys/fs/cgroup/memory.stat") as f:
+                cache = [int(line.split()[1]) for line in f if line.startswith("inactive_file ")]
+            limits.append(int(text) - used + (cache[0] if cache else 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/status") as f:
+                used = [int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")]
+            limits.append(soft - (used[0] if used else 0))
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return max(min(limits), 0) if limits else None
+
+
+def _free_disk(path: str) -> int | None:
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def check_world_limits(root: str, *, videos: int, frames: int, height: int, width: int, mp4: bool = False,
+                       finished: int = 0) -> None:
+    """Before any work: one video fits in memory, and the videos still to write fit on the disk; a
+    request beyond either would only fail after a long time (or take the machine's memory)."""
+    if videos > MAX_VIDEOS:
+        raise DreamPoseError(f"at most {MAX_VIDEOS} videos per split (their seeds are numbered in 32 bits), got "
+                             f"{videos}; ask for fewer --videos")
+    pixels = frames * height * width
+    need, free = pixels * MEMORY_PER_PIXEL, free_memory()
+    if free is not None and need > free:
+        raise DreamPoseError(f"one video of {frames} frames at {width}x{height} needs about {_human(need)} of memory "
+                             f"and only {_human(free)} is available; ask for fewer --frames or a smaller size")
+    need = (videos - finished) * (pixels * (DISK_PER_PIXEL + (1 if mp4 else 0)) + frames * 512 + 8192)
+    free = _free_disk(root)
+    if free is not None and need > free:
+        raise DreamPoseError(f"{videos - finished} video(s) of {frames} frames at {width}x{height} need about "
+                             f"{_human(need)} on disk and only {_human(free)} is free at {root}; ask for fewer "
+                             "--videos or --frames, a smaller size, or write somewhere else")
 
 
 def rendered_truth(info: dict) -> WorldVideo | None:
@@ -704,14 +848,15 @@ def write_world_dataset(root: str, *, videos: int, frames: int, height: int, wid
                         seed: int = SynthSettings.seed, split: str = SynthSettings.split, mp4: bool = False,
                         progress=None, fps: float = SynthSettings.fps, force: bool = False) -> list[str]:
     """``root/split/world_{k:04d}/`` for k < ``videos``; folders already finished by this same job (same
-    seed, size, frames and rate) are kept (resume).
+    seed, size, frames and rate) are kept, its interrupted ones redone (resume).
 
     Motion families cycle through :data:`MOTIONS` (from a seed-dependent start), so every family
     is represented. ``progress(done, total, folder, skipped)`` is called after each video.
 
     Raises:
-        DreamPoseError: before anything is written, when a finished folder holds another run's video
-            (other seed, size, frames or rate) and not ``force`` (which replaces it).
+        DreamPoseError: before anything is written, when a folder holds another run's video (other seed,
+            size, frames or rate) or frame files no synth run recorded, and not ``force`` (which replaces
+            them); or when one video would not fit in memory or all of them on the disk.
     """
     for name, value, least in (("videos", videos, 1), ("frames", frames, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -720,25 +865,39 @@ def write_world_dataset(root: str, *, videos: int, frames: int, height: int, wid
     world_seeds(seed, split, 0)   # checks seed and split before any work
     if os.path.exists(root) and not os.path.isdir(root):
         raise DreamPoseError(f"{root!r} is a file; give a folder for the synthetic dataset")
+    if os.path.exists(os.path.join(root, split)) and not os.path.isdir(os.path.join(root, split)):
+        raise DreamPoseError(f"{os.path.join(root, split)!r} is a file; move it away or give another folder")
     first = int(np.random.default_rng([seed, 3]).integers(len(MOTIONS)))
-    job = {"seed": seed, "frames": frames, "height": height, "width": width, "fps": fps, "split": split}
-    folders = [os.path.join(root, split, f"world_{k:04d}") for k in range(videos)]
-    keep = {}
-    for folder in folders:          # decided for every folder before the first one is written
-        keep[folder] = _same_world_job(folder, job)
-        if keep[folder] is False and not force:
+    job = world_job(seed=seed, frames=frames, height=height, width=width, fps=fps, split=split)
+    keep = set()
+    for k in _existing_folders(root, split, videos):   # decided for every folder before the first one is written
+        folder = world_folder(root, split, k)
+        state, names = _folder_state(folder, job)
+        if state == "done":
+            keep.add(k)
+        elif state == "other" and not force:
             raise DreamPoseError(f"{folder} holds a video of another synth run (other seed, size, frames or rate); "
                                  "pass --force to replace it, or give another --out")
+        elif state == "foreign" and not force:
+            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+            raise DreamPoseError(f"{folder} holds {names[0]}{more} that no synth run wrote for this job; pass "
+                                 "--force to replace them, or give another --out")
+    check_world_limits(root, videos=videos, frames=frames, height=height, width=width, mp4=mp4, finished=len(keep))
+    folders = [world_folder(root, split, k) for k in range(videos)]
     for k, folder in enumerate(folders):
-        skipped = bool(keep[folder])
-        if not skipped:
+        skipped = k in keep
+        if skipped:
+            _remove_partial(folder)   # a run stopped between its marker and this clean-up
+        else:
             outfit_seed, motion_seed = world_seeds(seed, split, k)
             kind = MOTIONS[(first + k) % len(MOTIONS)]
             outfit = random_outfit(outfit_seed)
             video = render_video(outfit, random_motion(motion_seed, frames, kind), height, width)
-            write_video_folder(folder, video, fps=fps, mp4=os.path.join(folder, "video.mp4") if mp4 else None,
+            write_video_folder(folder, video, fps=fps, mp4=os.path.join(folder, _MP4_NAME) if mp4 else None,
                                info={"outfit": outfit.to_dict(), "motion": kind, "outfit_seed": outfit_seed,
-                                     "motion_seed": motion_seed, "split": split, "index": k, "seed": seed})
+                                     "motion_seed": motion_seed, "split": split, "index": k, "seed": seed},
+                               job=job)
+            del video   # before the next one is rendered: one video in memory at a time
         if progress is not None:
             progress(k + 1, videos, folder, skipped)
     return folders
