@@ -33,6 +33,14 @@ MAX_SIZE = 4096                      # largest width or height of a generated fr
 MAX_SEED = 2 ** 64 - 1               # seeds are unsigned 64-bit, as torch.Generator.manual_seed takes them
 MAX_GUIDANCE = 30.0                  # s_I and s_p lie in 0..this (the nodes' sliders; the paper uses 3..8)
 MAX_LR = 1.0                         # a learning rate above this is a typo, not a setting
+MAX_STEPS = 1000                     # sampler steps: at most SD 1.x's num_train_timesteps (the nodes' limit too)
+MAX_FINETUNE_STEPS = 100_000         # subject finetune optimizer steps (the nodes' limit; the authors' 500 + 1500)
+MAX_FINETUNE_BATCH = 64              # samples per subject finetune step (a few photos, repeated; default 1)
+MAX_LORA_RANK = 512                  # LoRA rank (the nodes' limit); the model may allow less: see lora_rank_limit
+MAX_BENCH_FRAMES = 1024              # frames one benchmark run samples
+MAX_BENCH_REPEATS = 100              # timed runs / forward blocks of a benchmark
+MAX_TRAIN_MICRO_BATCH = 256          # stage-1 samples per forward pass and process (the authors': 2)
+MAX_TRAIN_BATCH = 65_536             # stage-1 effective batch, accumulation included (the authors': 16)
 COND_HEIGHT, COND_WIDTH = 640, 512   # the adapter's Linear(1280, 768) fixes the conditioning branch here
 VAE_SCALE = 0.18215                  # a literal in the authors' code, equal to SD 1.x's scaling_factor
 
@@ -192,6 +200,15 @@ def check_consistency(reference: float, cross_frame: float, anchor: str, uv_smoo
         raise DreamPoseError(f"uv_smoothing is a number of frames in 0..{MAX_UV_SMOOTHING}, got {uv_smoothing!r}")
 
 
+def check_sampling_steps(steps, what: str = "steps") -> int:
+    """Sampler steps: a whole number 1 … :data:`MAX_STEPS`, the SD 1.x schedule's training timesteps (a sampler
+    cannot take more steps than the schedule has; some fail only at the last step, after all the work)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise DreamPoseError(f"{what} must be a whole number from 1 to {MAX_STEPS} (the noise schedule's "
+                             f"{MAX_STEPS} training timesteps), got {steps!r}; 10 to 100 is usual")
+    return steps
+
+
 def check_start(start: str) -> str:
     return check_choice(start, START_MODES, "start mode")
 
@@ -217,7 +234,8 @@ class SamplingOptions:
 
     width: int = option(512, "output width, a multiple of 64 (default {default})", group="sampling")
     height: int = option(640, "output height, a multiple of 64 (default {default})", group="sampling")
-    steps: int = option(100, "sampler steps (default {default})", minimum=1, group="sampling")
+    steps: int = option(100, "sampler steps, at most " + str(MAX_STEPS) + " (default {default})", minimum=1,
+                        maximum=MAX_STEPS, group="sampling")
     sampler: str = option("pndm", "scheduler on the SD 1.x noise schedule; pndm is the authors' (default {default})",
                           choices=SAMPLERS, group="sampling")
     s_image: float = option(8.0, "image guidance s_I (default {default:g})", kind="finite", group="sampling")
@@ -260,8 +278,7 @@ class SamplingOptions:
         check_seed(self.seed)
         check_guidance(self.s_image, "s_image")
         check_guidance(self.s_pose, "s_pose")
-        if self.steps < 1:
-            raise DreamPoseError(f"steps must be at least 1, got {self.steps}")
+        check_sampling_steps(self.steps)
         if self.frames_per_batch < 1:
             raise DreamPoseError(f"frames per UNet call must be at least 1, got {self.frames_per_batch}")
         check_sampler(self.sampler)
@@ -307,9 +324,10 @@ class FinetuneSettings:
     """How to finetune on a subject (paper §4.3). Defaults: the authors' UNet + adapter finetune;
     :func:`vae_settings` gives their VAE decoder finetune."""
 
-    steps: int = option(500, "optimizer steps (default {default})", minimum=1)
+    steps: int = option(500, "optimizer steps (default {default})", minimum=1, maximum=MAX_FINETUNE_STEPS)
     lr: float = option(1e-5, "learning rate, AdamW (default {default:g})", kind="positive")
-    batch_size: int = option(1, "samples per step (default {default})", minimum=1)
+    batch_size: int = option(1, "samples per step, at most " + str(MAX_FINETUNE_BATCH) + " (default {default})",
+                             minimum=1, maximum=MAX_FINETUNE_BATCH)
     seed: int = option(0, "seed of every random draw (default {default})", minimum=0, maximum=MAX_SEED)
     crop: bool = option(True, "no random crops (default: crop image and pose with the same box)", flag="--no-crop",
                         cli={"action": "store_const", "const": False})
@@ -319,8 +337,9 @@ class FinetuneSettings:
     precision: str = option("fp32", "autocast over fp32 weights (default {default})", choices=PRECISIONS)
     optimizer: str = option("adamw", "adamw8bit needs bitsandbytes (default {default})", choices=OPTIMIZERS)
     lora_rank: int = option(0, "0: full UNet+adapter finetune (default); >0: LoRA of this rank on the UNet attention "
-                               "(the adapter is still trained in full; the file holds only the delta)", minimum=0,
-                            only="subject")
+                               "(the adapter is still trained in full; the file holds only the delta), at most "
+                               + str(MAX_LORA_RANK) + " and the attention layers' width", minimum=0,
+                            maximum=MAX_LORA_RANK, only="subject")
 
     height: int = option(640, "training height of the targets, a multiple of 64 (default {default})")
     width: int = option(512, "training width of the targets, a multiple of 64 (default {default})")
@@ -384,6 +403,11 @@ def finetune_defaults(kind: str, preset: str = "fast") -> FinetuneSettings:
     return FINETUNE_PRESETS[check_choice(preset, FINETUNE_PRESETS, "finetune preset")][check_kind(kind)]
 
 
+def _whole(value, low: int, high: int) -> bool:
+    """A whole number (not a bool) in ``low`` … ``high``."""
+    return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
+
+
 def check_settings(settings: FinetuneSettings | None, kind: str = "subject") -> FinetuneSettings:
     """Validate (and default) settings; a DreamPoseError naming the bad field."""
     check_kind(kind)
@@ -393,22 +417,25 @@ def check_settings(settings: FinetuneSettings | None, kind: str = "subject") -> 
         raise DreamPoseError(f"settings must be a FinetuneSettings, got {type(settings).__name__}")
     s = settings
     problems = []
-    if not isinstance(s.steps, int) or s.steps < 1:
-        problems.append(f"steps must be a whole number ≥ 1 (got {s.steps!r})")
+    if not _whole(s.steps, 1, MAX_FINETUNE_STEPS):
+        problems.append(f"steps must be a whole number from 1 to {MAX_FINETUNE_STEPS} (got {s.steps!r}; the "
+                        "authors used 500 and 1500)")
     if not (s.lr > 0 and s.lr <= MAX_LR):
         problems.append(f"lr must be a positive number no larger than {MAX_LR:g} (got {s.lr!r})")
-    if not isinstance(s.batch_size, int) or s.batch_size < 1:
-        problems.append(f"batch_size must be ≥ 1 (got {s.batch_size!r})")
+    if not _whole(s.batch_size, 1, MAX_FINETUNE_BATCH):
+        problems.append(f"batch_size must be a whole number from 1 to {MAX_FINETUNE_BATCH} (got {s.batch_size!r}; "
+                        "the authors used 1)")
     if s.precision not in PRECISIONS:
         problems.append(f"precision must be one of {PRECISIONS} (got {s.precision!r})")
     if s.optimizer not in OPTIMIZERS:
         problems.append(f"optimizer must be one of {OPTIMIZERS} (got {s.optimizer!r})")
-    if not isinstance(s.lora_rank, int) or s.lora_rank < 0:
-        problems.append(f"lora_rank must be 0 (full finetune) or a positive rank (got {s.lora_rank!r})")
+    if not _whole(s.lora_rank, 0, MAX_LORA_RANK):
+        problems.append(f"lora_rank must be 0 (full finetune) or a rank from 1 to {MAX_LORA_RANK} (got "
+                        f"{s.lora_rank!r}; 4 to 64 is usual, the fast preset uses 16)")
     elif s.lora_rank and kind == "vae":
         problems.append("the VAE decoder finetune is always full: lora_rank must be 0")
-    if s.lora_alpha < 0:
-        problems.append(f"lora_alpha must be ≥ 0 (got {s.lora_alpha!r})")
+    if not (isinstance(s.lora_alpha, (int, float)) and math.isfinite(s.lora_alpha) and s.lora_alpha >= 0):
+        problems.append(f"lora_alpha must be a finite number ≥ 0 (got {s.lora_alpha!r})")
     if not 0 <= s.crop_prob <= 1:
         problems.append(f"crop_prob must be in 0..1 (got {s.crop_prob!r})")
     if not 0 < s.crop_min_scale <= 1:
@@ -455,9 +482,9 @@ class TrainConfig:
                               cli={"metavar": "FILE.safetensors"})
     steps: int = option(10000, "optimizer steps in total (default {default})", minimum=1, group="training")
     batch_size: int = option(16, "effective batch = micro-batch × accumulation × processes (default {default})",
-                             minimum=1, group="training")
+                             minimum=1, maximum=MAX_TRAIN_BATCH, group="training")
     micro_batch: int = option(2, "samples per forward pass on each process (default {default}); accumulation is "
-                                 "computed", minimum=1, group="training")
+                                 "computed", minimum=1, maximum=MAX_TRAIN_MICRO_BATCH, group="training")
     lr: float = option(5e-6, "AdamW learning rate, constant (default {default:g})", kind="positive",
                        group="training")
     seed: int = option(0, "seed of every random draw (default {default})", minimum=0, maximum=MAX_SEED,
@@ -522,6 +549,10 @@ class TrainConfig:
             value = getattr(c, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a whole number ≥ 1 (got {value!r})")
+        for name, high in (("batch_size", MAX_TRAIN_BATCH), ("micro_batch", MAX_TRAIN_MICRO_BATCH)):
+            value = getattr(c, name)
+            if isinstance(value, int) and value > high:
+                problems.append(f"{name} must be at most {high} (got {value!r})")
         if not isinstance(c.workers, int) or c.workers < 0:
             problems.append(f"workers must be ≥ 0 (got {c.workers!r})")
         if not (c.lr > 0 and c.lr <= MAX_LR):
@@ -539,6 +570,9 @@ class TrainConfig:
         if c.height <= 0 or c.width <= 0 or c.height % SIZE_MULTIPLE or c.width % SIZE_MULTIPLE:
             problems.append(f"--width {c.width} --height {c.height}: both must be positive multiples of 64 "
                             "(DreamPose trained at 512×640)")
+        elif c.height > MAX_SIZE or c.width > MAX_SIZE:
+            problems.append(f"--width {c.width} --height {c.height}: both must be at most {MAX_SIZE} (DreamPose "
+                            "trained at 512×640)")
         return problems
 
 
@@ -554,8 +588,8 @@ class EvalSettings:
     """Everything that decides the generated frames of ``eval``, identical for every row of an ablation.
     Sampling defaults are :data:`PAPER_SAMPLING`'s."""
 
-    steps: int = option(PAPER_SAMPLING.steps, "sampler steps (default {default})", minimum=1,
-                        group=_EVAL_SAMPLING)
+    steps: int = option(PAPER_SAMPLING.steps, "sampler steps, at most " + str(MAX_STEPS) + " (default {default})",
+                        minimum=1, maximum=MAX_STEPS, group=_EVAL_SAMPLING)
     sampler: str = option(PAPER_SAMPLING.sampler, "scheduler (default {default})", choices=SAMPLERS,
                           group=_EVAL_SAMPLING)
     s_image: float = option(PAPER_SAMPLING.s_image, "image guidance (default {default:g})", kind="finite",
@@ -585,9 +619,9 @@ class EvalSettings:
     key_frame: int = option(0, "index of the key frame (default {default})", minimum=0, group="videos")
     max_frames: int = option(0, "use the first N frames of each video (0 = all)", minimum=0, group="videos")
     finetune_steps: int = option(0, f"UNet + adapter finetune steps (0 = none; the authors' {FinetuneSettings.steps})",
-                                 minimum=0, group=_EVAL_FINETUNE)
+                                 minimum=0, maximum=MAX_FINETUNE_STEPS, group=_EVAL_FINETUNE)
     vae_finetune_steps: int = option(0, "VAE decoder finetune steps (0 = none; the authors' "
-                                     f"{VAE_FINETUNE_DEFAULTS['steps']})", minimum=0,
+                                     f"{VAE_FINETUNE_DEFAULTS['steps']})", minimum=0, maximum=MAX_FINETUNE_STEPS,
                                      group=_EVAL_FINETUNE)
     finetune_lr: float | None = option(None, "default " + f"{FinetuneSettings.lr:g}" + " (the subject finetune's)",
                                        kind="positive", group=_EVAL_FINETUNE)
@@ -597,6 +631,23 @@ class EvalSettings:
                                maximum=MAX_SEED, group="metrics")
     save_frames: bool = option(False, "also write the generated frames and a contact sheet (generated above ground "
                                       "truth)", group="output", cli={"action": "store_true"})
+
+    def check(self) -> EvalSettings:
+        """The values themselves valid (sizes: per video, by ``sampling``), or a DreamPoseError naming the first
+        wrong one: before any model is loaded."""
+        check_sampling_steps(self.steps)
+        for name in ("finetune_steps", "vae_finetune_steps"):
+            value = getattr(self, name)
+            if not _whole(value, 0, MAX_FINETUNE_STEPS):
+                raise DreamPoseError(f"{name} must be a whole number from 0 (none) to {MAX_FINETUNE_STEPS}, got "
+                                     f"{value!r}")
+        for name in ("key_frame", "max_frames"):
+            if not _whole(getattr(self, name), 0, 2 ** 63 - 1):
+                raise DreamPoseError(f"{name} must be a whole number ≥ 0, got {getattr(self, name)!r}")
+        check_seed(self.shuffle_seed, "shuffle_seed")
+        size = {"height": self.height or SIZE_MULTIPLE, "width": self.width or SIZE_MULTIPLE}
+        self.sampling(**size).check()
+        return self
 
     def sampling(self, height: int, width: int) -> SamplingOptions:
         """The sampling options of a video of this (sampling) size."""
@@ -679,20 +730,35 @@ class SynthSettings:
 class BenchSettings:
     """``bench``: sampling against bare UNet forwards, or the finetune modes (``--finetune``)."""
 
-    frames: int = option(8, "frames sampled (default {default})", minimum=1)
-    frames_per_batch: int = option(4, "frames per UNet call (default {default})", minimum=1)
-    steps: int = option(20, "sampler steps (default {default})", minimum=1)
+    frames: int = option(8, "frames sampled (default {default})", minimum=1, maximum=MAX_BENCH_FRAMES)
+    frames_per_batch: int = option(4, "frames per UNet call (default {default})", minimum=1, maximum=MAX_BENCH_FRAMES)
+    steps: int = option(20, "sampler steps, at most " + str(MAX_STEPS) + " (default {default})", minimum=1,
+                        maximum=MAX_STEPS)
     sampler: str = option("pndm", "default {default}", choices=SAMPLERS)
     start: str = option("official", "default {default}", choices=START_MODES)
-    repeats: int = option(3, "timed sampling runs (median)", minimum=1)
+    repeats: int = option(3, "timed sampling runs (median)", minimum=1, maximum=MAX_BENCH_REPEATS)
     forward_repeats: int = option(1, "blocks of bare UNet forwards (one chunk's worth each) timed after each "
-                                     "sampling run", minimum=1)
+                                     "sampling run", minimum=1, maximum=MAX_BENCH_REPEATS)
     seed: int = option(0, "seed (default {default})", minimum=0, maximum=MAX_SEED)
     finetune_steps: int = option(6, "optimizer steps per mode (default {default}; the first is set-up and not in the "
-                                    "median)", minimum=2, group="finetuning (--finetune)")
-    lora_rank: int = option(4, "rank for the lora mode (default {default})", minimum=1,
-                            group="finetuning (--finetune)")
+                                    "median)", minimum=2, maximum=MAX_FINETUNE_STEPS, group="finetuning (--finetune)")
+    lora_rank: int = option(4, "rank for the lora mode, at most " + str(MAX_LORA_RANK) + " (default {default})",
+                            minimum=1, maximum=MAX_LORA_RANK, group="finetuning (--finetune)")
     precision: str = option("fp32", "default {default}", choices=PRECISIONS, group="finetuning (--finetune)")
+
+    def check(self) -> BenchSettings:
+        """Every value in its range (the bounds of the fields), or a DreamPoseError naming the first wrong one."""
+        check_sampling_steps(self.steps)
+        for o in options_of(BenchSettings):
+            value = getattr(self, o.name)
+            if o.choices:
+                check_choice(value, o.choices, o.name)
+            elif o.minimum is not None:
+                high = o.maximum if o.maximum is not None else 2 ** 63 - 1
+                if not _whole(value, o.minimum, high):
+                    raise DreamPoseError(f"bench: {o.name} must be a whole number from {o.minimum} to {high}, got "
+                                         f"{value!r}")
+        return self
 
 
 # ------------------------------------------------------------------------------ the docs

@@ -269,13 +269,13 @@ def test_identical_request_reuses_the_saved_file_and_changes_miss(base, photo, p
     settings = fast(steps=3)
     path = str(tmp_path / "alice.safetensors")
     steps = []
-    first = ft.finetune_to_file("subject", base, photo, pose, settings, path, callback=lambda s, n, l: steps.append(s))
+    first = ft.finetune_to_file("subject", base, photo, pose, settings, path, callback=lambda s, n, _: steps.append(s))
     assert not first.cached and first.steps_trained == 3 and steps == [1, 2, 3]
     assert sorted(os.listdir(tmp_path)) == ["alice.safetensors"]
     assert ft.find_cached_subject(str(tmp_path), first.cache_key) == path
 
     steps.clear()
-    again = ft.finetune_to_file("subject", base, photo, pose, settings, path, callback=lambda s, n, l: steps.append(s))
+    again = ft.finetune_to_file("subject", base, photo, pose, settings, path, callback=lambda s, n, _: steps.append(s))
     assert again.cached and again.steps_trained == 0 and steps == [] and again.cache_key == first.cache_key
     assert torch.equal(unet_out(again.model), unet_out(first.model))
     # the lookup as a node does it: by key, in a folder

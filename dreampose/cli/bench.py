@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import DreamPoseError
 from ..files.destinations import check_output_file
-from ..settings import PAPER_SAMPLING, BenchSettings, check_output_size
+from ..settings import PAPER_SAMPLING, BenchSettings, FinetuneSettings, check_output_size, check_settings
 from .common import (add_device_args, add_options, add_weight_args, check_paths, check_weights_given, err,
                      load_model, options_from_args, print_json)
 
@@ -36,7 +36,7 @@ def run(args) -> int:
     from ..evaluation.bench import benchmark, benchmark_finetune
     from ..models.devices import resolve_device, resolve_dtype
 
-    settings = options_from_args(args, BenchSettings())
+    settings = options_from_args(args, BenchSettings()).check()
     if args.json_out:
         inputs = [(f"--{n}", getattr(args, n, None)) for n in ("dreampose", "base", "clip", "vae", "adapter")]
         check_output_file(args.json_out, "--json-out", inputs=inputs, force=args.force)
@@ -49,9 +49,16 @@ def run(args) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     check_output_size(height, width)
+    if args.finetune:   # the finetune settings of every mode, before any weights are read
+        check_settings(FinetuneSettings(steps=settings.finetune_steps, height=height, width=width,
+                                        lora_rank=settings.lora_rank, precision=settings.precision,
+                                        seed=settings.seed), "subject")
     if not args.finetune and settings.frames % settings.frames_per_batch:
         raise DreamPoseError(f"--frames {settings.frames} must be a multiple of --frames-per-batch "
                              f"{settings.frames_per_batch}")
+    options = PAPER_SAMPLING.replace(width=width, height=height, steps=settings.steps, sampler=settings.sampler,
+                                     start=settings.start, frames_per_batch=settings.frames_per_batch,
+                                     seed=settings.seed).check()
     if real:
         err("loading weights …")
         model = load_model(args, dtype)   # straight into the benchmarked dtype
@@ -63,9 +70,6 @@ def run(args) -> int:
                                     lora_rank=settings.lora_rank, precision=settings.precision, seed=settings.seed,
                                     log=log)
     else:
-        options = PAPER_SAMPLING.replace(width=width, height=height, steps=settings.steps, sampler=settings.sampler,
-                                         start=settings.start, frames_per_batch=settings.frames_per_batch,
-                                         seed=settings.seed)
         result = benchmark(model, options, device=device, dtype=dtype, frames=settings.frames,
                            repeats=settings.repeats, forward_repeats=settings.forward_repeats, log=log)
     return print_json(result, args.json_out)

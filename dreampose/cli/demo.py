@@ -11,10 +11,10 @@ import os
 import time
 
 from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FPS, DEMO_FRAMES, DEMO_SAMPLING,
-                        DEMO_VAE_FINETUNE_STEPS, MOTIONS)
+                        DEMO_VAE_FINETUNE_STEPS, MAX_FINETUNE_STEPS, MOTIONS)
 from .animate import OUTPUTS as ANIMATE_OUTPUTS
 from .animate import add_sampling_args, check_run_options, run_animation, summary, write_run_info
-from .common import (StepBar, add_device_args, err, int_at_least, load_image, nonnegative_int, positive_float,
+from .common import (StepBar, add_device_args, err, int_at_least, load_image, positive_float,
                      read_init_latents)
 
 DEMO_NOTICE = ("NOTE: the demo model is a small DreamPose (a few MB, shipped in the package) trained with "
@@ -39,10 +39,10 @@ def register(sub) -> None:
     p.add_argument("--subject", type=int_at_least(0, 2 ** 32 - 1), default=0,
                    help="which test-split subject of the synthetic world, 0 … 2**32-1 (default 0)")
     p.add_argument("--motion", choices=MOTIONS, help="motion family (default: the subject's)")
-    p.add_argument("--finetune-steps", type=nonnegative_int, default=DEMO_FINETUNE_STEPS,
+    p.add_argument("--finetune-steps", type=int_at_least(0, MAX_FINETUNE_STEPS), default=DEMO_FINETUNE_STEPS,
                    help=f"UNet+adapter finetune steps on the key frame, the paper's subject phase "
                         f"(default {DEMO_FINETUNE_STEPS}; 0: none)")
-    p.add_argument("--vae-finetune-steps", type=nonnegative_int, default=DEMO_VAE_FINETUNE_STEPS,
+    p.add_argument("--vae-finetune-steps", type=int_at_least(0, MAX_FINETUNE_STEPS), default=DEMO_VAE_FINETUNE_STEPS,
                    help=f"VAE decoder finetune steps on the key frame (default {DEMO_VAE_FINETUNE_STEPS}; 0: none)")
     p.add_argument("--finetune-lr", type=positive_float, default=DEMO_FINETUNE_LR,
                    help=f"learning rate of both finetunes (default {DEMO_FINETUNE_LR:g})")

@@ -84,7 +84,7 @@ def run(args) -> int:
     inputs += [("--data", d) for d in (args.data if isinstance(args.data, list) else [args.data])]
     check_run_folder(args, OUTPUTS, inputs, record="metrics.json")
     check_paths(clip=args.clip, base=args.base, vae=args.vae)
-    settings = options_from_args(args, EvalSettings())
+    settings = options_from_args(args, EvalSettings()).check()   # all of it, before any model loads
     if args.ablation:
         variants = E.ablation_variants(E.parse_ablation(args.ablation), settings)
     else:

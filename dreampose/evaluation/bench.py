@@ -37,9 +37,9 @@ from ..models.lora import lora_delta_of
 from ..pipeline.animate import prepare
 from ..pipeline.guidance import DualCFGDenoiser
 from ..pipeline.sampling import SampleStats, decode, make_scheduler, sample
-from ..settings import (BENCH_FINETUNE_MODES, LATENT_CHANNELS, BenchSettings, FinetuneSettings, SamplingOptions,
-                        check_output_size, vae_settings)
-from ..training.finetune import finetune_subject, finetune_vae_decoder, require_peft
+from ..settings import (BENCH_FINETUNE_MODES, LATENT_CHANNELS, MAX_BENCH_FRAMES, MAX_BENCH_REPEATS, BenchSettings,
+                        FinetuneSettings, SamplingOptions, check_output_size, check_settings, vae_settings)
+from ..training.finetune import check_lora_rank, finetune_subject, finetune_vae_decoder, require_peft
 
 
 class _Counters:
@@ -190,8 +190,11 @@ def benchmark(model, options: SamplingOptions, *, device: torch.device, dtype: t
     options.check()
     height, width, steps, sampler = options.height, options.width, options.steps, options.sampler
     frames_per_batch = options.frames_per_batch
-    if frames < 1 or repeats < 1 or forward_repeats < 1:
-        raise DreamPoseError("frames, frames per batch, steps and repeats must all be at least 1")
+    if not 1 <= frames <= MAX_BENCH_FRAMES:
+        raise DreamPoseError(f"the benchmark samples 1 to {MAX_BENCH_FRAMES} frames, got {frames}")
+    if not (1 <= repeats <= MAX_BENCH_REPEATS and 1 <= forward_repeats <= MAX_BENCH_REPEATS):
+        raise DreamPoseError(f"repeats and forward repeats must be from 1 to {MAX_BENCH_REPEATS}, got {repeats} and "
+                             f"{forward_repeats}")
     if frames % frames_per_batch:
         raise DreamPoseError(f"the benchmark needs frames ({frames}) to be a multiple of frames per batch "
                              f"({frames_per_batch}), so every chunk has the same UNet batch")
@@ -387,11 +390,18 @@ def benchmark_finetune(model, *, device: torch.device, height: int = 256, width:
     encodes the photo's condition: reported as ``first_step_seconds``).
     """
     check_output_size(height, width)
-    if steps < 2:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise DreamPoseError("the finetune benchmark needs at least 2 steps (the first one is set-up)")
     unknown = [m for m in modes if m not in FINETUNE_MODES]
     if unknown:
         raise DreamPoseError(f"unknown finetune modes {unknown}; choose from {FINETUNE_MODES}")
+    # every mode's settings checked before any of them runs: a bad rank must not surface after the full modes
+    common = dict(steps=steps, lr=1e-5, seed=seed, height=height, width=width, batch_size=batch_size,
+                  precision=precision)
+    check_settings(vae_settings(**common), "vae")
+    check_settings(FinetuneSettings(**common, lora_rank=lora_rank if "lora" in modes else 0), "subject")
+    if "lora" in modes:
+        check_lora_rank(model.unet, lora_rank)
     say = log or (lambda msg: None)
     model.place(device, torch.float32)
     photo = synthetic_key_frame().float().unsqueeze(0) / 255
@@ -405,8 +415,6 @@ def benchmark_finetune(model, *, device: torch.device, height: int = 256, width:
                 results[mode] = {"skipped": str(exc)}
                 continue
         say(f"finetune mode {mode}")
-        common = dict(steps=steps, lr=1e-5, seed=seed, height=height, width=width, batch_size=batch_size,
-                      precision=precision)
         stamps = []
 
         def tick(step, total, loss):

@@ -62,6 +62,35 @@ def _parameters_on_meta():
         torch.nn.Module.register_parameter = original
 
 
+# Counts in a config that multiply the number of modules built (SD 1.x: 2 layers per block, 4 blocks; CLIP ViT-B/32:
+# 12 layers): a typo of 10**9 there would build modules for hours before any size could be compared with the file.
+_LAYER_KEYS = ("layers_per_block", "transformer_layers_per_block", "reverse_transformer_layers_per_block",
+               "num_hidden_layers")
+_BLOCK_KEYS = ("block_out_channels", "down_block_types", "up_block_types")
+MAX_CONFIG_LAYERS = 64
+MAX_CONFIG_BLOCKS = 16
+
+
+def check_config_counts(cfg: dict, what: str, source: str) -> dict:
+    """``cfg`` unless its layer or block counts are beyond any real model (checked before building anything)."""
+    nested = cfg.get("vision_config") if isinstance(cfg.get("vision_config"), dict) else {}
+    for key in _LAYER_KEYS:
+        for value in (cfg.get(key), nested.get(key)):
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for v in values:
+                items = v if isinstance(v, (list, tuple)) else [v]
+                if any(isinstance(x, int) and not isinstance(x, bool) and not 0 <= x <= MAX_CONFIG_LAYERS
+                       for x in items):
+                    raise DreamPoseError(f"{source}: the {what} config has {key} {value!r}; real models have 1 to "
+                                         f"{MAX_CONFIG_LAYERS} (Stable Diffusion 1.x: 1 or 2): check the config")
+    for key in _BLOCK_KEYS:
+        value = cfg.get(key)
+        if isinstance(value, (list, tuple)) and len(value) > MAX_CONFIG_BLOCKS:
+            raise DreamPoseError(f"{source}: the {what} config has {len(value)} {key}; real models have at most "
+                                 f"{MAX_CONFIG_BLOCKS} (Stable Diffusion 1.x: 4): check the config")
+    return cfg
+
+
 def _fit_report(expected: dict, state: dict) -> list[str]:
     """What keeps ``state`` from loading strictly into a module whose state dict is ``expected``."""
     missing = sorted(set(expected) - set(state))
@@ -77,6 +106,38 @@ def _fit_report(expected: dict, state: dict) -> list[str]:
         parts.append(f"{len(wrong)} with the wrong shape (e.g. {k}: file {tuple(state[k].shape)}, "
                      f"model {tuple(expected[k].shape)})")
     return parts
+
+
+def _meta_state(build: Callable[[], torch.nn.Module], what: str, source: str) -> dict | None:
+    """The state dict (meta tensors: shapes only) of the module ``build`` makes, built wholly on the meta device.
+
+    None where a module cannot be built there (the real build then reports what it reports)."""
+    try:
+        with torch.device("meta"):
+            return build().state_dict()
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DreamPoseError(f"{source}: its config does not describe a {what} ({str(exc)[:200]})") from exc
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _human_count(n: int) -> str:
+    for unit, size in (("T", 10 ** 12), ("G", 10 ** 9), ("M", 10 ** 6), ("k", 10 ** 3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def _refuse_misfit(expected: dict, state: dict, what: str, source: str) -> None:
+    parts = _fit_report(expected, state)
+    if not parts:
+        return
+    want = sum(t.numel() for t in expected.values())
+    have = sum(t.numel() for t in state.values())
+    sizes = f" (its config describes {_human_count(want)} weights, the file holds {_human_count(have)})" \
+        if want > 2 * have or have > 2 * want else ""
+    raise DreamPoseError(f"{source}: does not fit a {what}{sizes}: " + "; ".join(parts) +
+                         ". Check that the file is the right model for this input, and the config if you gave one.")
 
 
 def instantiate(build: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], what: str,
@@ -99,15 +160,17 @@ def instantiate(build: Callable[[], torch.nn.Module], state: dict[str, torch.Ten
         DreamPoseError: ``build`` rejects its config, or ``state`` does not fit the module (the message says what
             is missing, unexpected or of the wrong shape).
     """
+    # first entirely on the meta device (no memory): a config whose sizes do not match the file (say channels
+    # of 200000, hundreds of GB) is refused before a single real tensor is made for it
+    expected = _meta_state(build, what, source)
+    if expected is not None:
+        _refuse_misfit(expected, state, what, source)
     try:
         with _parameters_on_meta():
             module = build()
     except (TypeError, ValueError, KeyError) as exc:  # a config for another model: diffusers' words are cryptic
         raise DreamPoseError(f"{source}: its config does not describe a {what} ({str(exc)[:200]})") from exc
-    parts = _fit_report(module.state_dict(), state)
-    if parts:
-        raise DreamPoseError(f"{source}: does not fit a {what}: " + "; ".join(parts) +
-                             ". Check that the file is the right model for this input.")
+    _refuse_misfit(module.state_dict(), state, what, source)
     module.load_state_dict(state, strict=True, assign=True)
     left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # cannot happen for a strict load of persistent weights; never hand out a hollow module
@@ -194,7 +257,9 @@ def load_base_unet(path: str, config: dict | None = None, dtype: torch.dtype | N
         if not any(k.startswith("model.diffusion_model.") for k in raw):
             raise DreamPoseError(f"{path}: no 'model.diffusion_model.*' weights; this is not a full Stable "
                                  f"Diffusion 1.x checkpoint, it looks like {looks_like(raw)}")
+        check_config_counts(config, "Stable Diffusion 1.x UNet", path)
         state = convert_ldm_unet_checkpoint(raw, config)
+    check_config_counts(config, "Stable Diffusion 1.x UNet", path)
     return instantiate(lambda: UNet2DConditionModel.from_config(config), state, "Stable Diffusion 1.x UNet", path)
 
 
@@ -226,7 +291,9 @@ def load_vae(path: str, config: dict | None = None, dtype: torch.dtype | None = 
                                                   dtype=dtype))
         if guess_kind(raw) not in ("vae", "sd_checkpoint", "unknown"):
             raise DreamPoseError(f"{path}: not a VAE, it looks like {looks_like(raw)}")
+        check_config_counts(config, "Stable Diffusion VAE", path)
         state = raw if _is_diffusers_vae(raw) else convert_ldm_vae_checkpoint(raw, config)
+    check_config_counts(config, "Stable Diffusion VAE", path)
     state = modernise_vae_keys(state)
     return instantiate(lambda: AutoencoderKL.from_config(config), state, "Stable Diffusion VAE", path)
 
@@ -270,6 +337,7 @@ def clip_from_state(raw: dict[str, torch.Tensor], cfg: dict, source: str) -> CLI
     if not any(k.startswith("embeddings.") for k in state):
         raise DreamPoseError(f"{source}: no CLIP vision weights (keys 'vision_model.*' or 'embeddings.*'), it "
                              f"looks like {looks_like(raw)}; give the openai/clip-vit-base-patch32 model")
+    check_config_counts(cfg, "CLIP vision model", source)
     if "vision_config" in cfg:  # a full CLIPModel config
         cfg = cfg["vision_config"]
     vision_config = CLIPVisionConfig(**clean_config(cfg))
@@ -302,11 +370,11 @@ def load_authors_unet(path: str, config: dict | None = None, dtype: torch.dtype 
     Returns:
         The 14-channel ``UNet2DConditionModel`` in eval mode without gradients, in ``dtype`` (or the file's).
     """
+    cfg = check_config_counts(unet_config_with_pose(config or shipped_config("sd15_unet")), "DreamPose UNet", path)
     state = strip_module_prefix(read_state_dict(path, "DreamPose UNet file", dtype=dtype))
     if "conv_in.weight" not in state:
         raise DreamPoseError(f"{path}: not the authors' UNet state dict (no conv_in.weight), it looks like "
                              f"{looks_like(state)}")
-    cfg = unet_config_with_pose(config or shipped_config("sd15_unet"))
     return instantiate(lambda: UNet2DConditionModel.from_config(cfg), state, "14-channel DreamPose UNet", path)
 
 

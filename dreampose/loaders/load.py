@@ -24,8 +24,8 @@ from ..files.weights import (guess_kind, is_ours, is_safetensors, metadata_json,
 from ..models.bundle import DreamPoseModel, fresh_adapter, save_bundle
 from ..models.unet import expand_conv_in, unet_config_with_pose
 from ..settings import check_convention
-from .components import (clip_from_state, instantiate, load_adapter_state, load_authors_adapter, load_authors_unet,
-                         load_base_unet, load_clip_vision, load_vae, looks_like)
+from .components import (check_config_counts, clip_from_state, instantiate, load_adapter_state, load_authors_adapter,
+                         load_authors_unet, load_base_unet, load_clip_vision, load_vae, looks_like)
 from .subject_file import apply_subject, is_delta_file, read_subject_header
 
 _AUTHORS_UNET = re.compile(r"^unet_epoch_(\d+)\.pth?$")
@@ -143,7 +143,8 @@ def load_dreampose_file(path: str, unet_config: dict | None = None, dtype: torch
     _refuse_delta(path, meta)
     ucfg = unet_config_with_pose(unet_config or metadata_json(meta, "unet_config", path) or shipped_config("sd15_unet"))
     vcfg = metadata_json(meta, "vae_config", path) or shipped_config("sd15_vae")
-    vcfg = clean_config(vcfg)
+    vcfg = check_config_counts(clean_config(vcfg), "Stable Diffusion VAE", path)
+    check_config_counts(ucfg, "DreamPose UNet", path)
     state = read_state_dict(path, prefixes=("unet.", "adapter.", "vae."), dtype=dtype)   # not an embedded CLIP
     unet = instantiate(lambda: UNet2DConditionModel.from_config(ucfg), split_prefix(state, "unet."),
                        "14-channel DreamPose UNet", path)

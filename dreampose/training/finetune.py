@@ -97,6 +97,28 @@ def require_peft():
     return peft
 
 
+def lora_rank_limit(unet) -> int:
+    """The largest useful LoRA rank on ``unet``: the largest ``min(in, out)`` of the attention projections a LoRA
+    goes on (``LORA_TARGETS``). A higher rank exceeds the full rank of every one of them: more parameters and
+    memory than a full finetune of those layers, for nothing. 0 when the UNet has none."""
+    widths = [min(m.in_features, m.out_features) for name, m in unet.named_modules()
+              if isinstance(m, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in LORA_TARGETS)]
+    return max(widths, default=0)
+
+
+def check_lora_rank(unet, rank: int) -> None:
+    """Refuse a LoRA rank this UNet cannot use, before any work (the bound of the settings is checked there)."""
+    if not rank:
+        return
+    limit = lora_rank_limit(unet)
+    if not limit:
+        raise DreamPoseError("the UNet has no attention projections (to_q/to_k/to_v/to_out.0) to put LoRA on; use "
+                             "lora_rank 0 for a full finetune")
+    if rank > limit:
+        raise DreamPoseError(f"lora_rank {rank} is larger than this UNet's attention layers allow (at most {limit}, "
+                             f"their width): a higher rank only costs memory; use a rank from 1 to {limit}")
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 def _image_list(images) -> list[torch.Tensor]:
@@ -391,6 +413,7 @@ def finetune_subject(model, images, uv, settings: FinetuneSettings | None = None
     _require_optimizer(settings)
     if settings.lora_rank:
         require_peft()
+        check_lora_rank(model.unet, settings.lora_rank)
     with _training_mode():
         photos = _image_list(images)
         poses = _pose_list(uv, len(photos))
@@ -626,6 +649,8 @@ def finetune_to_file(kind: str, model, images, uv, settings: FinetuneSettings | 
     """
     check_kind(kind)
     settings = check_settings(settings, kind)
+    if kind == "subject":
+        check_lora_rank(model.unet, settings.lora_rank)
     t0 = time.perf_counter()
     key = subject_cache_key(model, images, uv if kind == "subject" else None, settings, kind)
     if not force:
