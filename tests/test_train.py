@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,8 +119,10 @@ def test_config_problems_are_reported_before_any_work(tmp_path):
 
 
 def test_cli_rejects_an_uneven_batch_before_loading(videos_root, tmp_path, capsys):
-    code = cli.main(["train", "--data", videos_root, "--out", str(tmp_path / "o"), "--base", str(tmp_path),
-                     "--clip", str(tmp_path), "--batch-size", "5", "--micro-batch", "2", "--cpu"])
+    dummy = tmp_path / "models"             # never read: the batch is refused first (--out is not inside it)
+    dummy.mkdir()
+    code = cli.main(["train", "--data", videos_root, "--out", str(tmp_path / "o"), "--base", str(dummy),
+                     "--clip", str(dummy), "--batch-size", "5", "--micro-batch", "2", "--cpu"])
     assert code == 2
     assert "--batch-size 5 is not a multiple of --micro-batch 2" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "checkpoints")
@@ -451,16 +454,127 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_refused_pickle_in_a_checkpoint_is_reported_and_skipped(videos_root, tmp_path, tiny_sd_folder,
+@pytest.mark.parametrize("name, said", [
+    ("optimizer.bin", "step_2 does not load (UnpicklingError"),
+    # accelerate itself would skip a refused RNG state in silence: it is checked first, and reported
+    ("random_states_0.pkl", "step_2 does not load (random_states_0.pkl is refused: it names posix.system"),
+])
+def test_a_refused_pickle_in_a_checkpoint_is_reported_and_skipped(name, said, videos_root, tmp_path, tiny_sd_folder,
                                                                   tiny_clip_folder):
     common = {"steps": 3, "save_every": 1, "keep": 2}
     out = tmp_path / "run"
     run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **{**common, "steps": 2}))
     marker = tmp_path / "ran"
-    torch.save({"state": _Payload(str(marker))}, out / tr.CHECKPOINTS / "step_2" / "optimizer.bin")
+    torch.save({"state": _Payload(str(marker))}, out / tr.CHECKPOINTS / "step_2" / name)
     messages = []
     resumed = tr.train(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, **common, resume="latest"),
                        log=messages.append, progress=False)
     assert not marker.exists()                                   # never unpickled as code
     assert resumed.start_step == 1
-    assert any("step_2 does not load (UnpicklingError" in m for m in messages), messages
+    assert any(said in m and "resuming from the previous one" in m for m in messages), messages
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def test_an_init_bundle_in_out_is_refused_even_with_force(videos_root, tmp_path, tiny_clip_folder,
+                                                           tiny_dreampose_file, capsys):
+    """--out holding the --init bundle under an output name: the run would overwrite its own input."""
+    out = tmp_path / "models"
+    out.mkdir()
+    init = shutil.copy(tiny_dreampose_file, out / tr.FINAL_NAME)
+    before = _snapshot(out)
+    code = cli.main(["train", "--data", videos_root, "--init", str(init), "--clip", tiny_clip_folder, "--out",
+                     str(out), "--steps", "1", "--batch-size", "2", "--micro-batch", "2", "--height", "64",
+                     "--width", "64", "--cpu", "--workers", "0", "--quiet", "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("dreampose train: error: --out") and f"--init {init}" in err[0] and str(out) in err[0]
+    assert _snapshot(out) == before                              # nothing written, the input intact
+
+
+@pytest.mark.parametrize("layout", ["out-is-data", "out-inside-data", "out-holds-data"])
+def test_out_and_data_folders_stay_apart(layout, videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    data = tmp_path / "project" / "data"
+    shutil.copytree(videos_root, data)
+    out = {"out-is-data": data, "out-inside-data": data / "run", "out-holds-data": tmp_path / "project"}[layout]
+    before = _snapshot(tmp_path / "project")
+    with pytest.raises(DreamPoseError, match=f"--out {re.escape(str(out))} .*the input --data {re.escape(str(data))}"):
+        run(config(str(data), out, tiny_sd_folder, tiny_clip_folder, steps=1))
+    with pytest.raises(DreamPoseError, match="the input --data"):   # --force does not change that
+        tr.train(config(str(data), out, tiny_sd_folder, tiny_clip_folder, steps=1), log=lambda _: None,
+                 progress=False, force=True)
+    assert _snapshot(tmp_path / "project") == before
+
+
+def test_unrelated_files_in_out_are_refused_unless_forced(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder,
+                                                          tiny_dreampose_file):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / tr.LOG_NAME).write_text("my notes, not JSON\n")
+    with pytest.raises(DreamPoseError, match=r"already holds train_log\.jsonl \(no line of it is a training-log "
+                                             r"record\), which this run did not write; pass --force"):
+        run(config(videos_root, notes, tiny_sd_folder, tiny_clip_folder, steps=1, batch_size=2))
+    assert (notes / tr.LOG_NAME).read_text() == "my notes, not JSON\n" and not (notes / tr.CHECKPOINTS).exists()
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    shutil.copy(tiny_dreampose_file, bundle / "dreampose_step_1.safetensors")
+    with pytest.raises(DreamPoseError, match=r"already holds dreampose_step_1\.safetensors \(of another run"):
+        run(config(videos_root, bundle, tiny_sd_folder, tiny_clip_folder, steps=1, batch_size=2, resume="latest"))
+    result = tr.train(config(videos_root, notes, tiny_sd_folder, tiny_clip_folder, steps=1, batch_size=2),
+                      log=lambda _: None, progress=False, force=True)
+    assert result.steps == 1 and [r["step"] for r in read_jsonl(notes / tr.LOG_NAME)] == [1]
+
+
+def test_resume_keeps_the_valid_records_of_a_damaged_log(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    """A line cut short by a kill, or garbage: dropped with a warning that names the file; the records stay."""
+    out = tmp_path / "run"
+    common = {"batch_size": 2, "save_every": 1}
+    run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=2, **common))
+    log = out / tr.LOG_NAME
+    with open(log, "ab") as f:
+        f.write(b'{truncated line\n\xff\xfe not text\n')
+    messages = []
+    resumed = tr.train(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=3, resume="latest", **common),
+                       log=messages.append, progress=False)
+    assert resumed.start_step == 2 and resumed.steps == 3
+    assert f"warning: {log}: dropped 2 line(s) that are no log record (line 3, 4); kept 2 record(s) up to step 2" \
+        in messages, messages
+    assert [r["step"] for r in read_jsonl(log)] == [1, 2, 3]
+    log.write_text("not a log at all\n")                        # nothing of it a record: not the run's log
+    with pytest.raises(DreamPoseError, match="already holds train_log.jsonl"):
+        run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=4, resume="latest", **common))
+
+
+@pytest.mark.parametrize("failing", ["model.safetensors", "optimizer.bin"])
+def test_a_checkpoint_over_the_file_size_limit_ends_in_one_line(failing, videos_root, tmp_path, tiny_sd_folder,
+                                                                tiny_clip_folder):
+    """``ulimit -f`` while accelerate saves the checkpoint: safetensors (SafetensorError, os error 27) or
+    torch.save (a RuntimeError without errno) fails; one line, exit 2, no temporary folder left."""
+    import resource
+
+    cfg = config(videos_root, tmp_path / "o", tiny_sd_folder, tiny_clip_folder)
+    model = tr.load_training_model(cfg)
+    weights = sum(p.numel() * 4 for m in (model.unet, model.adapter) for p in m.parameters())
+    # the model file is about `weights` bytes, the AdamW state twice that
+    limit = 64 * 1024 if failing == "model.safetensors" else int(weights * 1.3)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "o"
+    args = [sys.executable, "-m", "dreampose", "train", "--data", videos_root, "--base", tiny_sd_folder, "--clip",
+            tiny_clip_folder, "--height", "64", "--width", "64", "--batch-size", "2", "--micro-batch", "2",
+            "--steps", "1", "--cpu", "--workers", "0", "--quiet", "--out", str(out)]
+    proc = subprocess.run(args, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1"),
+                          preexec_fn=limited, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr
+    assert last.startswith(f"dreampose train: error: could not write {out / tr.CHECKPOINTS / 'step_1'}")
+    assert "ulimit -f" in last
+    assert os.listdir(out / tr.CHECKPOINTS) == [] and not (out / tr.FINAL_NAME).exists()

@@ -27,6 +27,9 @@ def register(sub) -> None:
         groups[title] = p.add_argument_group(title if title != "training" else "training (defaults: the authors' "
                                                                                   "stage 1)")
     add_options(p, TrainConfig, groups=groups)
+    groups["saving and resuming"].add_argument(
+        "--force", action="store_true", help="replace files in --out that this run did not write (a log or bundles "
+                                             "of another run); an input there is refused even so")
     groups["machine"].add_argument("--threads", type=positive_int, help="CPU threads for PyTorch in each process")
     groups["machine"].add_argument("--quiet", action="store_true", help="no per-step loss lines")
     p.set_defaults(func=run)
@@ -52,7 +55,7 @@ def run(args) -> int:
         bar.update(record["step"] - bar.n)
 
     try:
-        result = train(config, log=err, progress=progress)
+        result = train(config, log=err, progress=progress, force=args.force)
     finally:
         if bar is not None:
             bar.close()

@@ -53,8 +53,10 @@ from torch import nn
 
 from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose, screen_videos
 from ..errors import DreamPoseError
-from ..files.atomic import write_json_atomic, write_text_atomic
+from ..files.atomic import _as_os_error, write_json_atomic, write_text_atomic
+from ..files.destinations import check_writable, incomplete_write, write_error
 from ..files.paths import missing_flags
+from ..files.weights import is_ours, read_metadata
 from ..loaders.load import bundle_has_clip, load_dreampose
 from ..models.adapter import hold_vae_tokens_at_zero
 from ..models.bundle import save_bundle
@@ -94,6 +96,10 @@ RESUME_KEYS = ("dataset", "videos", "frames", "batch_size", "seed", "height", "w
                "conditioning", "dropout", "frozen_weights")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-step_"
+# the files a run writes directly in its --out folder (besides checkpoints/)
+_OUTPUT_FILE = re.compile(r"^(dreampose(_step_\d+)?\.safetensors|train_log\.jsonl)$")
+_RNG_STATE = re.compile(r"^random_states_\d+\.pkl$")
+_SOURCE = "dreampose train"
 _COND_LATENT = (LATENT_CHANNELS, COND_HEIGHT // LATENT_SCALE, COND_WIDTH // LATENT_SCALE)
 
 Log = Callable[[str], None]
@@ -146,6 +152,113 @@ def dataset_fingerprint(videos: list[VideoFolder]) -> str:
     so a dataset moved to another disk still resumes)."""
     listing = [[v.name, len(v)] for v in videos]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _run_inputs(config: TrainConfig) -> list[tuple[str, str]]:
+    pairs = [("--data", d) for d in config.data or []]
+    pairs += [(f"--{name}", getattr(config, name)) for name in ("init", "base", "clip", "vae")]
+    return [(flag, path) for flag, path in pairs if path]
+
+
+def check_outputs_are_not_inputs(config: TrainConfig) -> None:
+    """Refused whatever ``--force`` says: the run writes bundles, its log and ``checkpoints/`` into
+    ``--out`` (and deletes older checkpoints), so an input there would be destroyed; and data and
+    outputs stay apart (``--out`` is no data folder, nor inside or above one)."""
+    out = os.path.realpath(config.out)
+    checkpoints = os.path.join(out, CHECKPOINTS)
+    for flag, given in _run_inputs(config):
+        real = os.path.realpath(given)
+        if flag == "--data" or os.path.isdir(real):
+            if _within(out, real):
+                where = "is" if out == real else "is inside"
+                raise DreamPoseError(f"--out {config.out} {where} the input {flag} {given}: training writes "
+                                     "checkpoints and bundles there; give another --out folder")
+            if flag == "--data" and _within(real, out):
+                raise DreamPoseError(f"--out {config.out} holds the input --data {given}: keep training outputs "
+                                     "and data apart; give another --out folder")
+        # the file itself, and the name it is given by (a link may stand in --out), against the run's outputs
+        named = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(given))), os.path.basename(given))
+        for path in (real, named):
+            if _within(path, checkpoints) or (os.path.dirname(path) == out
+                                              and _OUTPUT_FILE.match(os.path.basename(path))):
+                raise DreamPoseError(f"--out {config.out} would overwrite the input {flag} {given} (the run writes "
+                                     f"{os.path.relpath(path, out)} there); give another --out folder, or move "
+                                     "the input out of it")
+    if config.debug_dir:
+        debug = os.path.realpath(config.debug_dir)
+        for flag, given in _run_inputs(config):
+            if os.path.isdir(given) and _within(debug, os.path.realpath(given)):
+                raise DreamPoseError(f"--debug-dir {config.debug_dir} is in the input {flag} {given}; give "
+                                     "another folder")
+
+
+def _read_log(path: str) -> tuple[list[tuple[int, str]], list[int]]:
+    """``train_log.jsonl`` as (step, line) records and the numbers of the lines that are none (a line
+    cut short by a kill, or a file that is not a training log at all)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise DreamPoseError(f"cannot read {path} ({exc.strerror or exc}); move it out of --out or give "
+                             "another --out folder") from None
+    records, bad = [], []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            records.append((int(record["step"]), line.decode("utf-8")))
+        except (ValueError, KeyError, TypeError, IndexError, OverflowError):
+            bad.append(number)
+    return records, bad
+
+
+def _saved_by_train(path: str) -> bool:
+    try:
+        meta = read_metadata(path)
+    except DreamPoseError:
+        return False
+    return is_ours(meta) and meta.get("source") == _SOURCE
+
+
+def check_existing_outputs(config: TrainConfig, resuming: bool, force: bool = False) -> None:
+    """Files in ``--out`` the run would replace but did not write are refused unless ``force``. A log
+    with records is a training log (its other lines are dropped later, and said; with no checkpoint it
+    is an attempt that saved none, e.g. on a full disk, so its rerun may go on); a log without any is
+    not. Bundles are the run's own only when it resumes and ``dreampose train`` saved them."""
+    if not os.path.isdir(config.out):
+        return
+    folder = os.path.join(config.out, CHECKPOINTS)
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DreamPoseError(f"--out {config.out}: {folder} is a file, not the run's checkpoint folder; move it or "
+                             "give another --out folder")
+    foreign = []
+    for name in sorted(os.listdir(config.out)):
+        if not _OUTPUT_FILE.match(name):
+            continue
+        path = os.path.join(config.out, name)
+        if os.path.isdir(path):
+            raise DreamPoseError(f"--out {config.out}: {name} is a folder where the run writes a file; move it or "
+                                 "give another --out folder")
+        if force:
+            continue
+        if name == LOG_NAME:
+            records, bad = _read_log(path)
+            if bad and not records:
+                foreign.append(f"{name} (no line of it is a training-log record)")
+        elif not resuming:
+            foreign.append(f"{name} (of another run: no checkpoint here to resume)")
+        elif not _saved_by_train(path):
+            foreign.append(f"{name} (not saved by dreampose train)")
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise DreamPoseError(f"--out {config.out} already holds {', '.join(foreign[:3])}{more}, which this run did "
+                             f"not write; pass --force to replace {'it' if len(foreign) == 1 else 'them'}, or give "
+                             "another --out folder")
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -478,6 +591,7 @@ def _load_first_good(accelerator, candidates: list[str], identity: dict, info: L
         try:
             saved = read_checkpoint_state(path)
             _compare_resume(saved["config"], identity, path)
+            _check_random_states(path)
             accelerator.load_state(path)
         except DreamPoseError as exc:
             failures.append((path, str(exc)))
@@ -576,25 +690,91 @@ def _bundle_meta(config: TrainConfig, model, step: int, world: int, accum: int) 
             "pose_window": str(config.pose_window), "conditioning": config.conditioning,
             "resolution": f"{config.width}x{config.height}", "height": str(config.height),
             "width": str(config.width), "step": str(step), "trained": "stage1", "training": training,
-            "base_model": os.path.basename(config.init or config.base or ""), "source": "dreampose train"}
+            "base_model": os.path.basename(config.init or config.base or ""), "source": _SOURCE}
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
-def _trim_log(path: str, step: int) -> None:
-    """Drop log lines past ``step`` (written after the checkpoint a resumed run continues from)."""
+def _make_folder(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+
+
+def _put_in_place(tmp: str, final: str) -> None:
+    """Rename a complete checkpoint folder to its final name; one already there (a fallback resume saving
+    that step again) is replaced, and put back if the rename fails."""
+    old = final + ".old"
+    try:
+        if os.path.exists(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    except OSError as exc:
+        if os.path.isdir(old) and not os.path.exists(final):
+            os.replace(old, final)
+        raise write_error(final, exc) from None
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _checkpoint_error(path: str, exc: BaseException) -> DreamPoseError:
+    """A failed checkpoint write as one clear line: safetensors says ``os error N``, torch.save only
+    that the write failed (then the free space and ``ulimit -f`` are measured for the message)."""
+    if not isinstance(exc, OSError):
+        exc = _as_os_error(exc) if "os error " in str(exc) else exc
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return write_error(path, exc)
+    text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", str(exc).strip()).splitlines()
+    why = text[0][:120] if text else type(exc).__name__
+    return incomplete_write(path, f"saving the checkpoint stopped short ({why})")
+
+
+def _check_random_states(path: str) -> None:
+    """accelerate loads the RNG state files itself and silently goes on with fresh RNG state when one
+    is refused (a pickle that is not weights-only) or damaged; checked here first, such a checkpoint is
+    reported and skipped like any other refused file. Every rank checks every file, so all agree."""
+    from accelerate.utils import load
+
+    for name in sorted(n for n in os.listdir(path) if _RNG_STATE.match(n)):
+        try:
+            states = load(os.path.join(path, name))
+            if not isinstance(states, dict) or not {"random_state", "torch_manual_seed"} <= states.keys():
+                raise ValueError("not accelerate's random states")
+        except (*_BAD_CHECKPOINT, TypeError, AttributeError) as exc:
+            code = re.search(r"GLOBAL (\S+)", str(exc))   # torch's weights-only unpickler names what it refused
+            why = (f"refused: it names {code.group(1)} (code, not data), so it was not unpickled" if code
+                   else f"damaged ({type(exc).__name__}), not an RNG state file accelerate wrote")
+            raise DreamPoseError(f"{name} is {why}; deleting it lets that checkpoint resume with fresh RNG "
+                                 "state") from None
+
+
+def _trim_log(path: str, step: int, info: Log) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resumed run continues from) and lines
+    that are no log record (cut short by a kill, or garbage): the valid records are kept, and it is said."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    write_text_atomic(path, "".join(lines))
+    records, bad = _read_log(path)
+    kept = [line for s, line in records if s <= step]
+    if bad:
+        lines = ", ".join(map(str, bad[:5])) + (" …" if len(bad) > 5 else "")
+        info(f"warning: {path}: dropped {len(bad)} line(s) that are no log record (line {lines}); kept "
+             f"{len(kept)} record(s) up to step {step}")
+    if step == 0 and records:
+        info(f"note: {path}: {len(records)} record(s) of an earlier attempt that saved no checkpoint dropped; "
+             "the log starts anew")
+    if bad or len(kept) < len(records):
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Callable[[dict, int], None] = True
-          ) -> TrainResult:
+def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Callable[[dict, int], None] = True,
+          force: bool = False) -> TrainResult:
     """Run (or continue) stage-1 training; see the module docstring.
 
     Saves under ``config.out``: ``checkpoints/step_N/`` (the last ``keep``), ``dreampose_step_N.safetensors``
@@ -607,6 +787,8 @@ def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Calla
         log: where messages go, on the main process only (default: ``print``).
         progress: True logs a line per logged step through ``log``; a callable ``progress(record, total_steps)``
             gets each ``train_log.jsonl`` record instead (the command line drives a bar with it); False: neither.
+        force: replace files in ``out`` that this run did not write (``--force``); an input there is refused
+            even so.
 
     Returns:
         A :class:`TrainResult`: the model holding the trained UNet and adapter, the step counts, the final
@@ -615,10 +797,12 @@ def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Calla
     from accelerate import PartialState
 
     config = check_config(config)
+    check_outputs_are_not_inputs(config)
+    check_writable(os.path.join(config.out, LOG_NAME), "--out")
     say = log or (lambda msg: print(msg, flush=True))
     state = PartialState(cpu=config.cpu)
     try:
-        return _run(config, state, say, progress)
+        return _run(config, state, say, progress, force)
     finally:
         if not state.use_distributed:
             # accelerate keeps its settings process-wide and refuses different ones later; a
@@ -629,7 +813,7 @@ def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Calla
             GradientState._reset_state()
 
 
-def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
+def _run(config: TrainConfig, state, say: Log, progress, force: bool = False) -> TrainResult:
     from accelerate import Accelerator
 
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
@@ -655,6 +839,7 @@ def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
         newest = _complete_checkpoints(config.out)[-1][1]
         raise DreamPoseError(f"{config.out} already holds checkpoints of a run (newest {newest}): continue it with "
                              "--resume latest, or start a new run in another --out folder")
+    check_existing_outputs(config, resuming=bool(saved), force=force)
 
     # 2. weights and the accelerator
     try:
@@ -707,18 +892,17 @@ def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
         return draw_micro_batch(data.frames, config, step, micro, rank, cfg_t)
 
     # 3. output
-    os.makedirs(config.out, exist_ok=True)
     log_path = os.path.join(config.out, LOG_NAME)
     if main:
         folder = os.path.join(config.out, CHECKPOINTS)
-        os.makedirs(folder, exist_ok=True)
+        _make_folder(folder)
         for name in os.listdir(folder):   # half-written checkpoints of an interrupted save
             if name.startswith(_TMP_PREFIX) or name.endswith(".old"):
                 shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
-        _trim_log(log_path, start)
+        _trim_log(log_path, start, info)
     debug_path = None
     if config.debug_dir:
-        os.makedirs(config.debug_dir, exist_ok=True)
+        _make_folder(config.debug_dir)
         debug_path = os.path.join(config.debug_dir, f"rank{rank}.jsonl")
     accelerator.wait_for_everyone()
 
@@ -728,21 +912,21 @@ def _run(config: TrainConfig, state, say: Log, progress) -> TrainResult:
         if main and os.path.exists(tmp):
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+        try:   # accelerate writes its files itself: a full disk or `ulimit -f` surfaces here, in three forms
+            accelerator.save_state(tmp)
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _checkpoint_error(final, exc) from None
         accelerator.wait_for_everyone()
         if main:
-            write_json_atomic(os.path.join(tmp, STATE_NAME),
-                               {"format": "dreampose-train", "version": 1, "step": step, "config": identity,
-                                "world_size": world, "micro_batch": config.micro_batch, "grad_accum": accum,
-                                "training": config.to_dict()}, indent=1, default=str)
-            if os.path.exists(final):
-                old = final + ".old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            try:
+                write_json_atomic(os.path.join(tmp, STATE_NAME),
+                                  {"format": "dreampose-train", "version": 1, "step": step, "config": identity,
+                                   "world_size": world, "micro_batch": config.micro_batch, "grad_accum": accum,
+                                   "training": config.to_dict()}, indent=1, default=str)
+                _put_in_place(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)   # gone already when it went into place
             export(os.path.join(config.out, f"dreampose_step_{step}.safetensors"), step)
             for _, path in _complete_checkpoints(config.out)[:-config.keep]:
                 shutil.rmtree(path, ignore_errors=True)
