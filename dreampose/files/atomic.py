@@ -196,11 +196,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadat
         except OSError:
             raise
         except Exception as exc:                 # SafetensorError is not an OSError
-            raise _as_os_error(exc) from None
+            raise as_os_error(exc) from None
     return path
 
 
-def _as_os_error(exc: Exception) -> OSError:
+def as_os_error(exc: Exception) -> OSError:
     text = str(exc)
     marker = "os error "
     if marker in text:

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose, screen_videos
 from ..errors import DreamPoseError
-from ..files.atomic import _as_os_error, write_json_atomic, write_text_atomic
+from ..files.atomic import as_os_error, write_json_atomic, write_text_atomic
 from ..files.destinations import check_writable, incomplete_write, write_error
 from ..files.paths import missing_flags
 from ..files.weights import is_ours, read_metadata
@@ -728,7 +728,7 @@ def _checkpoint_error(path: str, exc: BaseException) -> DreamPoseError:
     """A failed checkpoint write as one clear line: safetensors says ``os error N``, torch.save only
     that the write failed (then the free space and ``ulimit -f`` are measured for the message)."""
     if not isinstance(exc, OSError):
-        exc = _as_os_error(exc) if "os error " in str(exc) else exc
+        exc = as_os_error(exc) if "os error " in str(exc) else exc
     if isinstance(exc, OSError) and exc.errno is not None:
         return write_error(path, exc)
     text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", str(exc).strip()).splitlines()
