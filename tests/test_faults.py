@@ -487,6 +487,25 @@ def test_file_flags_pointing_at_a_folder_say_so(tmp_path, tiny_dreampose_file, t
     assert f"'{tmp_path}' is a folder; give the file itself" in one_error_line(capsys, "animate")
 
 
+@pytest.mark.parametrize("fps", ["1e-9", "1e300", "0"])
+def test_frame_rates_no_video_writer_takes_are_refused_at_once(fps, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli("animate", "--image", "x.png", "--poses", "p", "--out", tmp_path, "--fps", fps)
+    assert exc.value.code == 2 and "must be from 0.1 to 1000 frames per second" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, message", [("missing.safetensors", "--dreampose: not found: "),
+                                           ("notes.txt", "not a weights file; give our DreamPose .safetensors")])
+def test_a_dreampose_flag_that_names_no_weights_says_so_not_that_clip_is_missing(name, message, tmp_path, inputs,
+                                                                                 no_weight_loading, capsys):
+    """Without --clip, a typo in --dreampose used to say "--clip is required" (the bundle's CLIP was looked for)."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    assert run_cli("animate", "--dreampose", tmp_path / name, "--image", inputs["image"], "--poses", inputs["poses"],
+                   "--out", tmp_path / "o", "--threads", 1) == 2
+    err = one_error_line(capsys, "animate")
+    assert message in err and "--clip" not in err
+
+
 def test_threads_beyond_any_machine_are_refused(tmp_path, tiny_dreampose_file, tiny_clip_folder, inputs,
                                                 no_weight_loading, capsys):
     args = animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, tmp_path / "o")

@@ -217,6 +217,22 @@ def test_a_bad_manifest_is_one_clear_error_before_any_weights(inputs, tmp_path, 
     assert "loading weights" not in err and not os.path.exists(tmp_path / "out")
 
 
+def test_the_report_never_replaces_the_manifest_or_a_file_no_batch_wrote(inputs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    manifest = _manifest(out / batch.REPORT_NAME, _jobs(inputs)[:1])     # the manifest kept where the report goes
+    assert cli.main(["batch", "--manifest", manifest, "--out", str(out), *COMMON, "--force"]) == 2
+    assert "is the report this batch writes" in capsys.readouterr().err
+    assert json.load(open(manifest))["jobs"] == _jobs(inputs)[:1]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / batch.REPORT_NAME).write_text('{"mine": 1}')
+    manifest = _manifest(tmp_path / "jobs.json", _jobs(inputs)[:1])
+    assert cli.main(["batch", "--manifest", manifest, "--out", str(other), *COMMON]) == 2
+    assert f"already holds a {batch.REPORT_NAME} that no batch wrote; pass --force" in capsys.readouterr().err
+    assert (other / batch.REPORT_NAME).read_text() == '{"mine": 1}'
+
+
 def test_a_job_folder_holding_another_run_is_refused_unless_forced(inputs, tmp_path, capsys):
     manifest = _manifest(tmp_path / "jobs.json", _jobs(inputs)[:1])
     os.makedirs(tmp_path / "out" / "seed1")

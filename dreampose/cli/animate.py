@@ -14,8 +14,8 @@ import time
 from ..errors import DreamPoseError
 from ..settings import ANIMATE_FPS, DEFAULT_SAMPLING, SAMPLING_PRESETS, SamplingOptions
 from .common import (RUN_INFO_NAME, StepBar, add_device_args, add_options, add_weight_args, check_run_folder,
-                     check_paths, check_weights_given, err, frame_range, load_image, load_model, nonnegative_int,
-                     options_from_args, positive_float, read_init_latents)
+                     check_paths, check_weights_given, err, frame_range, frame_rate, load_image, load_model,
+                     nonnegative_int, options_from_args, read_init_latents)
 
 VIDEO_NAME = "dreampose.mp4"
 LATENTS_NAME = "latents.safetensors"
@@ -36,7 +36,7 @@ def add_sampling_args(p, defaults: SamplingOptions, fps: float, presets: bool = 
     g.add_argument("--init-latents", metavar="FILE.safetensors",
                    help="inject x_T from a file (tensor 'latents', [1 or F,4,H/8,W/8]), e.g. a saved init_latents")
     o = p.add_argument_group("output")
-    o.add_argument("--fps", type=positive_float, default=fps, help=f"video frame rate (default {fps:g})")
+    o.add_argument("--fps", type=frame_rate, default=fps, help=f"video frame rate, 0.1 … 1000 (default {fps:g})")
     o.add_argument("--save-latents", action="store_true",
                    help=f"also write {INIT_LATENTS_NAME} (x_T, reusable with --init-latents) and "
                         f"{LATENTS_NAME} (final latents), tensor 'latents'")

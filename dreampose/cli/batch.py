@@ -165,6 +165,29 @@ def plan(batch_args) -> list[tuple[str, argparse.Namespace]]:
     return planned
 
 
+def check_report(args) -> None:
+    """OUT/batch.json may be written: never over the manifest, over another file only with ``--force``
+    (a report of an earlier batch is this command's own)."""
+    from ..files.destinations import check_writable
+
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DreamPoseError(f"--out {args.out} is a file; give a folder")
+    report = os.path.join(args.out, REPORT_NAME)
+    if os.path.exists(report):
+        if os.path.isfile(args.manifest) and os.path.samefile(report, args.manifest):
+            raise DreamPoseError(f"--manifest {args.manifest} is the report this batch writes ({report}); keep the "
+                                 "manifest elsewhere or give another --out")
+        try:
+            with open(report, encoding="utf-8") as f:
+                ours = set(json.load(f)) == {"manifest", "processes", "jobs"}
+        except (OSError, UnicodeDecodeError, ValueError, TypeError):
+            ours = False
+        if not ours and not args.force:
+            raise DreamPoseError(f"--out {args.out} already holds a {REPORT_NAME} that no batch wrote; pass --force "
+                                 "to replace it, or give another --out")
+    check_writable(report, "--out")
+
+
 def finished(args) -> bool:
     """The job's folder holds its own finished run (the record is written last, with every file)."""
     from .common import RUN_INFO_NAME, same_run
@@ -196,16 +219,13 @@ def run(args) -> int:
     import torch
 
     from ..files.atomic import write_text_atomic
-    from ..files.destinations import check_writable
     from ..models.devices import resolve_device, resolve_dtype
     from .animate import check_weight_paths, join_processes
     from .common import load_model
 
     # 1. the weights' paths and every job, before any weights are read
     check_weight_paths(args)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DreamPoseError(f"--out {args.out} is a file; give a folder")
-    check_writable(os.path.join(args.out, REPORT_NAME), "--out")
+    check_report(args)
     jobs = plan(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

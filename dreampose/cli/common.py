@@ -20,6 +20,7 @@ from ..files.paths import IMAGE_SUFFIXES, natural_key, read_json_config, require
 from ..settings import DTYPE_CHOICES, CONVENTIONS, OptionInfo, options_of
 
 RUN_INFO_NAME = "dreampose_run.json"
+MAX_FPS = 1000.0           # frame rates above this (or below 0.1) make the video writers fail after the sampling
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -113,6 +114,14 @@ def finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def frame_rate(text: str) -> float:
+    """An argparse type: frames per second a video player can show, 0.1 … 1000."""
+    value = finite_float(text)
+    if not 0.1 <= value <= MAX_FPS:
+        raise argparse.ArgumentTypeError(f"must be from 0.1 to {MAX_FPS:g} frames per second, got {value:g}")
     return value
 
 
@@ -286,6 +295,13 @@ def check_weights_given(args) -> None:
     if args.dreampose and os.path.isdir(args.dreampose):
         args.dreampose = newest_authors_unet(args.dreampose)
         err(f"--dreampose: using {args.dreampose} (the newest unet_epoch_N.pth in that folder)")
+    if args.dreampose:           # before the CLIP question, which depends on what this file is
+        from ..files.weights import PICKLE_SUFFIXES, is_safetensors
+
+        require_flags(dreampose=args.dreampose)
+        if not (is_safetensors(args.dreampose) or args.dreampose.lower().endswith(PICKLE_SUFFIXES)):
+            raise DreamPoseError(f"--dreampose {args.dreampose}: not a weights file; give our DreamPose "
+                                 ".safetensors or the authors' unet_epoch_N.pth")
     if not args.clip and not bundle_has_clip(args.dreampose):
         raise DreamPoseError("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)"
                              + (f"; {args.dreampose} carries none" if args.dreampose else ""))

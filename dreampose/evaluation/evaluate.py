@@ -219,9 +219,11 @@ def plan_videos(data: list[str] | str, settings: EvalSettings, warn=None) -> lis
         try:
             check_output_size(out_h, out_w)
         except DreamPoseError as exc:
-            raise DreamPoseError(f"{video.path}: frames are {width}x{height} (WxH); the sampling size must be a "
-                                 "multiple of 64: give --width/--height (generated frames are resized to the "
-                                 f"ground truth for the metrics). {exc}") from None
+            if settings.height and settings.width:      # the size asked for: its own message
+                raise
+            raise DreamPoseError(f"{video.path}: frames are {width}x{height} (WxH), which cannot be the sampling "
+                                 f"size ({exc}); give --width/--height (generated frames are resized to the "
+                                 "ground truth for the metrics)") from None
         plans.append(VideoPlan(video, name, count, settings.key_frame, height, width, out_h, out_w))
     return plans
 
