@@ -261,7 +261,7 @@ def test_convert_checks_free_space_before_any_work(tmp_path, authors_release, no
         assert "MiB are needed and only" in err and os.listdir(small) == []
 
 
-@pytest.mark.parametrize("command", ["animate", "convert", "bench", "finetune-vae"])
+@pytest.mark.parametrize("command", ["animate", "convert", "bench", "finetune-vae", "synth"])
 def test_a_read_only_destination_is_refused_before_any_work(command, tmp_path, tiny_dreampose_file,
                                                             tiny_clip_folder, inputs, authors_release,
                                                             no_weight_loading, capsys):
@@ -273,6 +273,7 @@ def test_a_read_only_destination_is_refused_before_any_work(command, tmp_path, t
             "bench": ["bench", "--json-out", target + ".json", "--quiet"],
             "finetune-vae": ["finetune-vae", "--dreampose", tiny_dreampose_file, "--clip", tiny_clip_folder,
                              "--images", inputs["image"], "--out", target + ".safetensors", "--quiet"],
+            "synth": ["synth", "--out", target, "--videos", 1, "--frames", 2, "--quiet"],
         }[command]
         assert run_cli(*args) == 2
         assert "read-only file system" in one_error_line(capsys, command)
@@ -504,6 +505,13 @@ def test_a_dreampose_flag_that_names_no_weights_says_so_not_that_clip_is_missing
                    "--out", tmp_path / "o", "--threads", 1) == 2
     err = one_error_line(capsys, "animate")
     assert message in err and "--clip" not in err
+
+
+def test_synth_under_a_file_says_so_before_any_work(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    assert run_cli("synth", "--out", tmp_path / "notes.txt" / "sub", "--videos", 1, "--frames", 2, "--height", 64,
+                   "--width", 64, "--quiet") == 2
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in one_error_line(capsys, "synth")
 
 
 def test_threads_beyond_any_machine_are_refused(tmp_path, tiny_dreampose_file, tiny_clip_folder, inputs,

@@ -10,7 +10,7 @@ import json
 import os
 
 from ..errors import DreamPoseError
-from ..files.destinations import check_output_file
+from ..files.destinations import check_output_file, check_writable
 from ..settings import MAX_SIZE, SynthSettings
 from .common import add_options, options_from_args, progress_bar
 
@@ -72,6 +72,7 @@ def _check(args, settings: SynthSettings) -> None:
             raise DreamPoseError(f"--{flag} must be from 32 to {MAX_SIZE} pixels, got {getattr(settings, flag)}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DreamPoseError(f"--out {args.out} is a file; give a folder for the dataset")
+    check_writable(os.path.join(args.out, settings.split, "x"), "--out")   # a file above it, read-only, no access
     if args.preview:
         from ..data.world import in_world_folder
 
