@@ -514,6 +514,15 @@ def test_synth_under_a_file_says_so_before_any_work(tmp_path, capsys):
     assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in one_error_line(capsys, "synth")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a /proc file system")
+def test_a_folder_that_takes_no_file_is_refused_before_any_work(tmp_path, tiny_dreampose_file, tiny_clip_folder,
+                                                                inputs, no_weight_loading, capsys):
+    """/proc passes the permission checks for root, yet no file can be made there: a real probe says so."""
+    assert run_cli(*animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, "/proc/dreampose_out")) == 2
+    assert "no file can be created in /proc" in one_error_line(capsys, "animate")
+    assert not leftovers(tmp_path)
+
+
 def test_threads_beyond_any_machine_are_refused(tmp_path, tiny_dreampose_file, tiny_clip_folder, inputs,
                                                 no_weight_loading, capsys):
     args = animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, tmp_path / "o")

@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import shutil
+import tempfile
 from typing import Callable, Iterable
 
 from ..errors import DreamPoseError
@@ -100,6 +101,13 @@ def check_writable(path: str, flag: str, *, need_bytes: int = 0) -> None:
         raise DreamPoseError(f"{flag} {path}: {folder} is on a read-only file system; write somewhere else")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DreamPoseError(f"{flag} {path}: no permission to write in {folder}; write to a folder you own")
+    try:     # what the flags cannot tell (/proc, some network mounts): a real file, gone again at once
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=folder)
+    except OSError as exc:
+        raise DreamPoseError(f"{flag} {path}: no file can be created in {folder} ({exc.strerror or exc}); write "
+                             "somewhere else") from None
+    os.close(fd)
+    os.unlink(probe)
     free = _free_bytes(path)
     if need_bytes and free is not None and free < need_bytes:
         raise DreamPoseError(f"{flag} {path}: about {need_bytes / 2 ** 20:.0f} MiB are needed and only "
