@@ -222,14 +222,16 @@ def test_the_report_never_replaces_the_manifest_or_a_file_no_batch_wrote(inputs,
     out.mkdir()
     manifest = _manifest(out / batch.REPORT_NAME, _jobs(inputs)[:1])     # the manifest kept where the report goes
     assert cli.main(["batch", "--manifest", manifest, "--out", str(out), *COMMON, "--force"]) == 2
-    assert "is the report this batch writes" in capsys.readouterr().err
+    assert f"--out {out / batch.REPORT_NAME} is the input --manifest {manifest}: writing there would destroy it" in (
+        capsys.readouterr().err)
     assert json.load(open(manifest))["jobs"] == _jobs(inputs)[:1]
     other = tmp_path / "other"
     other.mkdir()
     (other / batch.REPORT_NAME).write_text('{"mine": 1}')
     manifest = _manifest(tmp_path / "jobs.json", _jobs(inputs)[:1])
     assert cli.main(["batch", "--manifest", manifest, "--out", str(other), *COMMON]) == 2
-    assert f"already holds a {batch.REPORT_NAME} that no batch wrote; pass --force" in capsys.readouterr().err
+    assert (f"--out {other / batch.REPORT_NAME} already exists and this command did not write it for this job; "
+            "pass --force") in capsys.readouterr().err
     assert (other / batch.REPORT_NAME).read_text() == '{"mine": 1}'
 
 

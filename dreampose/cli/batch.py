@@ -165,27 +165,23 @@ def plan(batch_args) -> list[tuple[str, argparse.Namespace]]:
     return planned
 
 
+def _is_batch_report(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return set(json.load(f)) == {"manifest", "processes", "jobs"}
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        return False
+
+
 def check_report(args) -> None:
     """OUT/batch.json may be written: never over the manifest, over another file only with ``--force``
     (a report of an earlier batch is this command's own)."""
-    from ..files.destinations import check_writable
+    from ..files.destinations import check_output_file
 
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DreamPoseError(f"--out {args.out} is a file; give a folder")
-    report = os.path.join(args.out, REPORT_NAME)
-    if os.path.exists(report):
-        if os.path.isfile(args.manifest) and os.path.samefile(report, args.manifest):
-            raise DreamPoseError(f"--manifest {args.manifest} is the report this batch writes ({report}); keep the "
-                                 "manifest elsewhere or give another --out")
-        try:
-            with open(report, encoding="utf-8") as f:
-                ours = set(json.load(f)) == {"manifest", "processes", "jobs"}
-        except (OSError, UnicodeDecodeError, ValueError, TypeError):
-            ours = False
-        if not ours and not args.force:
-            raise DreamPoseError(f"--out {args.out} already holds a {REPORT_NAME} that no batch wrote; pass --force "
-                                 "to replace it, or give another --out")
-    check_writable(report, "--out")
+    check_output_file(os.path.join(args.out, REPORT_NAME), "--out", inputs=[("--manifest", args.manifest)],
+                      force=args.force, ours=_is_batch_report)
 
 
 def finished(args) -> bool:
