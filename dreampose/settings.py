@@ -512,6 +512,9 @@ class TrainConfig:
     save_every: int = option(500, "checkpoint + dreampose_step_N.safetensors every N steps (default {default})",
                              minimum=1, group="saving and resuming")
     keep: int = option(2, "checkpoints kept (default {default}, the newest)", minimum=1, group="saving and resuming")
+    keep_exports: int = option(0, "dreampose_step_N.safetensors files kept, the newest (0: every one; each is a "
+                                  "whole model, so a long run can fill a disk)", minimum=0,
+                               group="saving and resuming")
     log_every: int = option(10, "log the loss every N steps (default {default})", minimum=1,
                             group="saving and resuming")
     resume: str | None = option(None, "continue a run: 'latest' (the newest complete checkpoint under --out; a fresh "
@@ -553,6 +556,8 @@ class TrainConfig:
             value = getattr(c, name)
             if isinstance(value, int) and value > high:
                 problems.append(f"{name} must be at most {high} (got {value!r})")
+        if not isinstance(c.keep_exports, int) or c.keep_exports < 0:
+            problems.append(f"keep_exports must be a whole number ≥ 0 (got {c.keep_exports!r})")
         if not isinstance(c.workers, int) or c.workers < 0:
             problems.append(f"workers must be ≥ 0 (got {c.workers!r})")
         if not (c.lr > 0 and c.lr <= MAX_LR):

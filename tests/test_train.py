@@ -454,6 +454,17 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
+def test_keep_exports_keeps_only_the_newest_step_files(videos_root, tmp_path, tiny_sd_folder, tiny_clip_folder):
+    """Each dreampose_step_N.safetensors is a whole model: --keep-exports N leaves the newest N (0: every one)."""
+    out = tmp_path / "run"
+    run(config(videos_root, out, tiny_sd_folder, tiny_clip_folder, steps=3, save_every=1, keep=1, keep_exports=2))
+    assert sorted(f for f in os.listdir(out) if f.startswith("dreampose")) == [
+        "dreampose.safetensors", "dreampose_step_2.safetensors", "dreampose_step_3.safetensors"]
+    assert sorted(os.listdir(out / tr.CHECKPOINTS)) == ["step_3"]
+    bad = config(videos_root, tmp_path / "x", tiny_sd_folder, tiny_clip_folder, keep_exports=-1)
+    assert "keep_exports must be a whole number ≥ 0 (got -1)" in bad.problems()
+
+
 @pytest.mark.parametrize("name, said", [
     ("optimizer.bin", "step_2 does not load (UnpicklingError"),
     # accelerate itself would skip a refused RNG state in silence: it is checked first, and reported

@@ -533,6 +533,16 @@ def params_digest(module: nn.Module) -> str:
 
 # --------------------------------------------------------------------------------------------- checkpoints
 
+_STEP_EXPORT = re.compile(r"^dreampose_step_(\d+)\.safetensors$")
+
+
+def _step_exports(out: str) -> list[str]:
+    """The ``dreampose_step_N.safetensors`` files in ``out``, oldest step first."""
+    found = [(int(m.group(1)), os.path.join(out, name)) for name in os.listdir(out)
+             if (m := _STEP_EXPORT.match(name))]
+    return [path for _, path in sorted(found)]
+
+
 def _complete_checkpoints(out: str) -> list[tuple[int, str]]:
     folder = os.path.join(out, CHECKPOINTS)
     if not os.path.isdir(folder):
@@ -778,7 +788,7 @@ def train(config: TrainConfig, *, log: Log | None = None, progress: bool | Calla
     """Run (or continue) stage-1 training; see the module docstring.
 
     Saves under ``config.out``: ``checkpoints/step_N/`` (the last ``keep``), ``dreampose_step_N.safetensors``
-    at every save, ``dreampose.safetensors`` at the end, ``train_log.jsonl``.
+    at every save (the last ``keep_exports``; 0: all), ``dreampose.safetensors`` at the end, ``train_log.jsonl``.
 
     Args:
         config: the run (:class:`~dreampose.settings.TrainConfig`). ``config.resume`` continues a saved run,
@@ -930,6 +940,9 @@ def _run(config: TrainConfig, state, say: Log, progress, force: bool = False) ->
             export(os.path.join(config.out, f"dreampose_step_{step}.safetensors"), step)
             for _, path in _complete_checkpoints(config.out)[:-config.keep]:
                 shutil.rmtree(path, ignore_errors=True)
+            if config.keep_exports:
+                for path in _step_exports(config.out)[:-config.keep_exports]:
+                    os.remove(path)
         accelerator.wait_for_everyone()
 
     def export(path: str, step: int) -> str:
