@@ -6,7 +6,8 @@
 Every row samples the same videos with the same seeds (dpmpp_2m, 10 steps, the demo's guidance, 4 frames per
 UNet call, so a 16-frame video is 4 chunks): the paper's method (every option off), each consistency option
 alone and combined. Scored: appearance drift on exact correspondences (consecutive frames, and the key frame
-against every frame; the true frames' own drift is the floor), the flicker ratio, L1, SSIM, pose IoU, and the
+against every frame; the true frames' own drift is the floor; ``texture``: on the generated person's pixels
+only, texture apart from pose error), the flicker ratio, L1, SSIM, pose IoU, and the
 cost in image evaluations and seconds per frame. ``--jitter``: the driving DensePose is degraded as an
 estimator's would be (each frame moved by up to ``--shift`` px, UV noise of std ``--noise``), the metrics
 still against the clean truth, with the UV-smoothing rows.

@@ -258,6 +258,30 @@ def test_surface_cells_and_drift_against_a_hand_computation():
     assert no_overlap["consecutive"]["generated"] is None and no_overlap["consecutive"]["pairs"] == 0
 
 
+def test_drift_on_masked_pixels_counts_only_those_pixels():
+    # the hand case above, with the generated person missing from cell 2's pixel in frame 1 (pose error) and
+    # the mask dropping it: only cell 10 (0.1) and cell 6 (0) remain shared, in pred and truth alike
+    parts = torch.tensor([[[1, 1, 1, 1]], [[1, 1, 1, 0]]])
+    uv = torch.zeros(2, 2, 1, 4)
+    uv[:, 0] = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    uv[:, 1] = 0.5
+    gt = torch.full((2, 3, 1, 4), 0.5)
+    pred = gt.clone()
+    pred[1, :, 0, 0] = 1.0                   # background painted where the true body is: 0.5 off
+    pred[1, 0, 0, 2] = 0.8
+    assert M.appearance_drift(pred, gt, parts, uv, bins=4)["consecutive"]["generated"] == pytest.approx(0.2)
+    masks = torch.ones(2, 1, 4, dtype=torch.bool)
+    masks[1, 0, 0] = False
+    out = M.appearance_drift(pred, gt, parts, uv, bins=4, masks=masks)["consecutive"]
+    assert out["generated"] == pytest.approx(0.05) and out["ground_truth"] == 0.0
+    # the key frame is a photo: its own pixels are not masked, frame 1's are
+    key = M.appearance_drift(pred, gt, parts, uv, bins=4, masks=masks, key_frame=gt[0], key_parts=parts[0],
+                             key_uv=uv[0], key_pairs=[1])["key"]
+    assert key["generated"] == pytest.approx(0.05)
+    with pytest.raises(DreamPoseError, match=r"drift masks \(2, 4\) do not match the frames \(2, 1, 4\)"):
+        M.appearance_drift(pred, gt, parts, uv, bins=4, masks=masks[:, 0])
+
+
 def test_drift_of_true_world_frames_is_a_small_floor_and_a_colour_drift_raises_it():
     video = _world_uv(8)
     out = M.appearance_drift(video.frames, video.frames, video.parts, video.uv)

@@ -304,7 +304,7 @@ def test_drift_is_skipped_with_the_reason_off_the_synthetic_world(single):
 
 def test_eval_on_the_synthetic_world_reports_appearance_drift_with_consistency_options(setup, tmp_path):
     from dreampose.data.dataset import load_frame
-    from dreampose.data.world import rendered_truth
+    from dreampose.data.world import rendered_truth, silhouette
     from dreampose.data.dataset import read_video_folder
 
     data = tmp_path / "world"
@@ -342,3 +342,10 @@ def test_eval_on_the_synthetic_world_reports_appearance_drift_with_consistency_o
     assert overall["drift"] == pytest.approx(rec["drift"]) and overall["drift_floor"] == pytest.approx(
         want["consecutive"]["ground_truth"], abs=1e-6)
     assert "drift↓" in (out / "metrics.md").read_text()
+    # on the generated person's pixels only (the silhouette of the saved frames, rounded as above)
+    person = M.appearance_drift(saved, gt, parts, uv, key_frame=gt[0], key_parts=parts[0], key_uv=uv[0], pairs=[1, 2],
+                                key_pairs=[1, 2, 3], masks=silhouette(saved))
+    assert rec["texture_drift"] == pytest.approx(person["consecutive"]["generated"], abs=2e-3)
+    assert rec["key_texture_drift"] == pytest.approx(person["key"]["generated"], abs=2e-3)
+    assert overall["texture_drift_floor"] == pytest.approx(person["consecutive"]["ground_truth"], abs=2e-3)
+    assert "texture drift↓" in (out / "metrics.md").read_text()

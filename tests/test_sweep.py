@@ -26,7 +26,9 @@ def test_each_run_is_animate_with_that_seed_and_counts_its_evaluations():
     model = tiny_dreampose(seed=3)
     scene = _scene()
     rows = [SweepRow("ddim 2", "ddim", 2, 3.0, 2.0), SweepRow("ddim 3 late", "ddim", 3, 3.0, 2.0, guidance_start=0.5)]
-    result = run_sweep(model, [scene], rows, [0, 1], BASE)
+    kept = {}
+    result = run_sweep(model, [scene], rows, [0, 1], BASE, frames_out=kept)
+    assert sorted(kept) == sorted((r.name, s, "s0") for r in rows for s in (0, 1))
     assert [(r["row"], r["seed"]) for r in result["runs"]] == [("ddim 2", 0), ("ddim 2", 1), ("ddim 3 late", 0),
                                                                ("ddim 3 late", 1)]
     for run in result["runs"]:
@@ -35,6 +37,7 @@ def test_each_run_is_animate_with_that_seed_and_counts_its_evaluations():
         frames = torch.cat([c.images.permute(0, 3, 1, 2) for c in animate(model, scene.key_frame, scene.uv, options)])
         want = score(frames, scene)
         assert {k: run[k] for k in want} == pytest.approx(want, abs=1e-6)
+        assert torch.allclose(kept[(run["row"], run["seed"], "s0")], frames, atol=1e-6)   # the frames scored
     runs = {r["row"]: r for r in result["runs"] if r["seed"] == 0}
     assert runs["ddim 2"]["evals_per_frame"] == 2 * 3             # 2 steps × 3 branches
     # ddim 3 steps: timesteps 667, 334, 1; guided from fraction 0.5 on = timesteps ≤ 499.5: two steps

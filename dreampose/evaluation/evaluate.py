@@ -66,11 +66,15 @@ PAPER_TABLE2 = {
 }
 # metric → which way is better, for the ordering verdict
 DIRECTIONS = {"l1": "lower", "ssim": "higher", "vgg": "lower", "lpips": "lower", "pose_iou": "higher",
-              "flicker_ratio": "closer to 1", "fid": "lower", "fvd": "lower", "drift": "lower", "key_drift": "lower"}
+              "flicker_ratio": "closer to 1", "fid": "lower", "fvd": "lower", "drift": "lower", "key_drift": "lower",
+              "texture_drift": "lower", "key_texture_drift": "lower"}
 COLUMNS = (("l1", "L1↓"), ("ssim", "SSIM↑"), ("vgg", "VGG↓"), ("lpips", "LPIPS↓"), ("pose_iou", "pose IoU↑"),
            ("shuffled_pose_iou", "shuffled-pose IoU"), ("flicker_ratio", "flicker ratio (→1)"),
-           ("drift", "drift↓"), ("key_drift", "key drift↓"), ("fid", "FID↓"), ("fvd", "FVD↓"))
-DRIFTS = (("drift", "consecutive"), ("key_drift", "key"))   # result key, appearance_drift's part
+           ("drift", "drift↓"), ("key_drift", "key drift↓"), ("texture_drift", "texture drift↓"),
+           ("key_texture_drift", "key texture drift↓"), ("fid", "FID↓"), ("fvd", "FVD↓"))
+# result key, appearance_drift's part, whether only the generated person's pixels count (texture apart from pose)
+DRIFTS = (("drift", "consecutive", False), ("key_drift", "key", False), ("texture_drift", "consecutive", True),
+          ("key_texture_drift", "key", True))
 NO_SURFACE = "needs the exact body-surface coordinates of every pixel: synthetic-world videos only"
 PER_FRAME = ("l1", "ssim", "vgg", "lpips", "pose_iou", "shuffled_pose_iou")
 TIE_RTOL = 1e-9
@@ -116,7 +120,7 @@ class _Accumulator:
     counts: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
     flicker: list = field(default_factory=lambda: [0.0, 0.0, 0])
-    drift: dict = field(default_factory=lambda: {name: [0.0, 0.0, 0] for name, _ in DRIFTS})
+    drift: dict = field(default_factory=lambda: {name: [0.0, 0.0, 0] for name, *_ in DRIFTS})
     inception: list = field(default_factory=lambda: ([], []))
     i3d: list = field(default_factory=lambda: ([], []))
 
@@ -419,14 +423,17 @@ def video_metrics(pred: torch.Tensor, gt_u8: torch.Tensor, uv: torch.Tensor, key
     # appearance drift on exact correspondences: consecutive pairs as the flicker, and the key frame (the
     # input photo) against every other frame
     if parts is None:
-        for name, _ in DRIFTS:
+        for name, *_ in DRIFTS:
             out[name] = M.skipped(name, NO_SURFACE)
     else:
-        drift = M.appearance_drift(pred, gt, parts, uv, key_frame=gt[key], key_parts=parts[key], key_uv=uv[key],
-                                   pairs=pairs, key_pairs=keep)
-        out["appearance_drift"] = drift
-        for name, part in DRIFTS:
-            d = drift[part]
+        # the person masks of every frame (the key frame's among them is not used: key_pairs leaves it out)
+        person = world.silhouette(pred)
+        drift, texture = (M.appearance_drift(pred, gt, parts, uv, key_frame=gt[key], key_parts=parts[key],
+                                             key_uv=uv[key], pairs=pairs, key_pairs=keep, masks=masks)
+                          for masks in (None, person))
+        out["appearance_drift"], out["appearance_drift_on_person"] = drift, texture
+        for name, part, on_person in DRIFTS:
+            d = (texture if on_person else drift)[part]
             out[name] = d["generated"]
             if d["pairs"]:
                 acc.drift[name][0] += d["generated"] * d["pairs"]
@@ -458,7 +465,7 @@ def overall_metrics(acc: _Accumulator, nets: M.FeatureNets) -> dict:
                       "pairs": pairs}
     out["flicker_ratio"] = (gen / real) if pairs and real > 0 else None
     out["flicker"]["ratio"] = out["flicker_ratio"]
-    for name, _ in DRIFTS:
+    for name, *_ in DRIFTS:
         gen, real, pairs = acc.drift[name]
         out[name] = gen / pairs if pairs else M.skipped(name, NO_SURFACE)
         out[name + "_floor"] = real / pairs if pairs else None
@@ -644,7 +651,7 @@ def _columns(rows: dict) -> list[tuple[str, str]]:
     """All columns, FID/FVD and the drifts only when some row computed them."""
     cols = []
     for key, title in COLUMNS:
-        optional = key in ("fid", "fvd", "drift", "key_drift")
+        optional = key in ("fid", "fvd") or key in {name for name, *_ in DRIFTS}
         if optional and all(isinstance(r["overall"].get(key), str) for r in rows.values()):
             continue
         cols.append((key, title))

@@ -244,7 +244,8 @@ def colour_drift(colours_a: torch.Tensor, counts_a: torch.Tensor, colours_b: tor
 def appearance_drift(pred: torch.Tensor, gt: torch.Tensor, parts: torch.Tensor, uv: torch.Tensor, *,
                      key_frame: torch.Tensor | None = None, key_parts: torch.Tensor | None = None,
                      key_uv: torch.Tensor | None = None, pairs: list[int] | None = None,
-                     key_pairs: list[int] | None = None, bins: int = DRIFT_BINS) -> dict:
+                     key_pairs: list[int] | None = None, masks: torch.Tensor | None = None,
+                     bins: int = DRIFT_BINS) -> dict:
     """How much the colour of the same body-surface point changes between frames, on exact correspondences.
 
     A pixel's surface point is its ground-truth (part, U, V), binned into cells (:func:`surface_cells`).
@@ -255,12 +256,20 @@ def appearance_drift(pred: torch.Tensor, gt: torch.Tensor, parts: torch.Tensor, 
     Each gives ``generated`` (the colours of ``pred``) and ``ground_truth`` (of ``gt``: the floor the
     binning leaves, since a cell is not a point) and ``excess`` = generated − ground truth; None where no
     pair shares a cell.
+    ``masks`` ``[F,H,W]`` bool (e.g. the generated person's silhouette): only these pixels of the frames count,
+    in ``pred`` and ``gt`` alike. Restricted to where the generated person stands, the drift measures texture
+    (the same surface point painted another colour) apart from pose error (background painted where the true
+    body is).
     """
     pred, gt = _pair(pred, gt)
     count = int(parts.max().clamp_min(1)) * bins * bins
     if key_parts is not None:
         count = max(count, int(key_parts.max().clamp_min(1)) * bins * bins)
     cells = surface_cells(parts, uv, bins)
+    if masks is not None:
+        if masks.shape != cells.shape:
+            raise DreamPoseError(f"drift masks {tuple(masks.shape)} do not match the frames {tuple(cells.shape)}")
+        cells = torch.where(masks.bool(), cells, torch.full_like(cells, -1))
     gen, gen_n = cell_colours(pred, cells, count)
     real, real_n = cell_colours(gt, cells, count)
     steps = range(pred.shape[0] - 1) if pairs is None else pairs

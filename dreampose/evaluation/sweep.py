@@ -33,11 +33,14 @@ from ..training.finetune import finetune_subject, finetune_vae_decoder
 from . import metrics as M
 
 METRICS = ("l1", "ssim", "pose_iou", "flicker_ratio")
-DRIFT_METRICS = ("drift", "key_drift")         # scenes with the exact part index of every pixel
-BETTER = {"l1": "lower", "ssim": "higher", "pose_iou": "higher", "flicker_ratio": "closer to 1", "drift": "lower",
-          "key_drift": "lower"}
+# scenes with the exact part index of every pixel; texture_*: on the generated person's pixels only
+DRIFT_METRICS = ("drift", "key_drift", "texture_drift", "key_texture_drift")
+FLOORS = tuple(m + "_floor" for m in DRIFT_METRICS)   # the true frames' own drift on the same cells
+BETTER = {"l1": "lower", "ssim": "higher", "pose_iou": "higher", "flicker_ratio": "closer to 1",
+          **{m: "lower" for m in DRIFT_METRICS}}
 TITLES = {"l1": "L1 ↓", "ssim": "SSIM ↑", "pose_iou": "pose IoU ↑", "flicker_ratio": "flicker ratio (→1)",
-          "drift": "drift ↓", "key_drift": "key drift ↓"}
+          "drift": "drift ↓", "key_drift": "key drift ↓", "texture_drift": "texture drift ↓",
+          "key_texture_drift": "key texture drift ↓"}
 
 
 @dataclass(frozen=True)
@@ -112,25 +115,27 @@ def score(frames: torch.Tensor, scene: Scene) -> dict:
            "pose_iou": M.pose_alignment(masks, body_mask(scene.exact_uv))["iou"],
            "flicker_ratio": M.flicker(frames, scene.truth)["ratio"]}
     if scene.parts is not None:
-        drift = M.appearance_drift(frames, scene.truth, scene.parts, scene.exact_uv,
-                                   key_frame=scene.key_frame.float() / 255, key_parts=scene.key_parts,
-                                   key_uv=scene.key_uv)
-        out["drift"], out["key_drift"] = drift["consecutive"]["generated"], drift["key"]["generated"]
-        out["drift_floor"], out["key_drift_floor"] = drift["consecutive"]["ground_truth"], drift["key"]["ground_truth"]
+        for prefix, on in (("", None), ("texture_", masks)):
+            drift = M.appearance_drift(frames, scene.truth, scene.parts, scene.exact_uv,
+                                       key_frame=scene.key_frame.float() / 255, key_parts=scene.key_parts,
+                                       key_uv=scene.key_uv, masks=on)
+            for name, part in ((prefix + "drift", "consecutive"), ("key_" + prefix + "drift", "key")):
+                out[name], out[name + "_floor"] = drift[part]["generated"], drift[part]["ground_truth"]
     return out
 
 
 def run_sweep(model, scenes: list[Scene], rows: list[SweepRow], seeds: list[int], base: SamplingOptions, *,
-              finetune: Finetune | None = None, log=None) -> dict:
+              finetune: Finetune | None = None, log=None, frames_out: dict | None = None) -> dict:
     """Every row × seed × scene; returns ``{"runs": [...], "finetune_s": …}``, one run per (row, seed)
-    with frame-weighted metrics over the scenes, image evaluations per frame and seconds per frame."""
+    with frame-weighted metrics over the scenes, image evaluations per frame and seconds per frame.
+    ``frames_out``: a dict that also receives the generated frames ``[F,3,H,W]`` under (row, seed, scene)
+    names, for pictures of the same runs the table scores."""
     if not rows or not seeds or not scenes:
         raise DreamPoseError("a sweep needs at least one row, one seed and one scene")
     for row in rows:
         row.options(base, seeds[0])          # every row valid before any work
     log = log or (lambda msg: None)
-    names = METRICS + (DRIFT_METRICS + ("drift_floor", "key_drift_floor")
-                       if all(sc.parts is not None for sc in scenes) else ())
+    names = METRICS + (DRIFT_METRICS + FLOORS if all(sc.parts is not None for sc in scenes) else ())
     acc = {(r.name, s): {"frames": 0, "evaluations": 0, "seconds": 0.0, **{m: 0.0 for m in names}}
            for r in rows for s in seeds}
     finetune_s = 0.0
@@ -163,6 +168,8 @@ def run_sweep(model, scenes: list[Scene], rows: list[SweepRow], seeds: list[int]
                                       stats=stats):
                     frames[chunk.frames] = chunk.images.permute(0, 3, 1, 2)
                 seconds = time.perf_counter() - t0
+                if frames_out is not None:
+                    frames_out[(row.name, seed, scene.name)] = frames
                 a = acc[(row.name, seed)]
                 for name, value in score(frames, scene).items():
                     if name in a:
@@ -188,7 +195,7 @@ def summarise(result: dict) -> list[dict]:
     for row in result["rows"]:
         runs = [r for r in result["runs"] if r["row"] == row["name"]]
         entry = {"row": row["name"], "sensitivity": row["sensitivity"], "seeds": len(runs)}
-        for key in ("evals_per_frame", "s_per_frame", *METRICS, *DRIFT_METRICS, "drift_floor", "key_drift_floor"):
+        for key in ("evals_per_frame", "s_per_frame", *METRICS, *DRIFT_METRICS, *FLOORS):
             values = [r[key] for r in runs if r.get(key) is not None]
             entry[key] = statistics.fmean(values) if values else None
             entry[key + "_sd"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -201,7 +208,7 @@ def within_noise(entry: dict, reference: dict, metric: str, factor: float = 2.0)
     the larger of the two seed spreads (a metric that got better always passes)."""
     a, b = entry[metric], reference[metric]
     noise = factor * max(entry[metric + "_sd"], reference[metric + "_sd"])
-    if metric in ("l1", "drift", "key_drift"):
+    if metric == "l1" or metric in DRIFT_METRICS:
         return a <= b + noise
     if metric == "flicker_ratio":
         return abs(a - 1) <= abs(b - 1) + noise
