@@ -4,7 +4,13 @@ protocol over a loopback WebSocket; aiohttp only). Used by scripts/screenshot.sh
 
   screenshot.py --server http://127.0.0.1:PORT --chromium /usr/bin/chromium WORKFLOW OUT.png [--size 1600x900]
 """
-import argparse, asyncio, base64, json, shutil, subprocess, tempfile
+import argparse
+import asyncio
+import base64
+import json
+import shutil
+import subprocess
+import tempfile
 
 import aiohttp
 

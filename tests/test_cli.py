@@ -139,7 +139,9 @@ def test_cli_x_t_equals_the_library_default_path(run_a, tiny_dreampose_file, tin
 
 def test_saved_x_t_reproduces_the_run_and_the_seed_matters(run_a, tmp_path, tiny_dreampose_file,
                                                            tiny_clip_folder, inputs):
-    args = lambda out, *extra: animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, out, *extra)
+    def args(out, *extra):
+        return animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, out, *extra)
+
     init = os.path.join(run_a, INIT_LATENTS_NAME)
     same = str(tmp_path / "same")
     assert run_cli(*args(same, "--seed", 1, "--init-latents", init, "--save-latents")) == 0
