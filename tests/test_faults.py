@@ -732,3 +732,26 @@ def test_synth_keeps_its_own_videos_and_refuses_another_runs(tmp_path, capsys):
     assert run_cli(*base, "--seed", 3) == 2
     assert "holds a video of another synth run" in one_error_line(capsys, "synth") and _bytes(frame) == first
     assert run_cli(*base, "--seed", 3, "--force") == 0 and _bytes(frame) != first
+
+
+@pytest.mark.parametrize("argv", [
+    ["animate", "--image", "{tmp}/none.png", "--poses", "{tmp}", "--dreampose", "{tmp}/none.safetensors",
+     "--clip", "{tmp}", "--out", "{tmp}/out"],
+    ["animate", "--image", "{tmp}/none.png", "--poses", "{tmp}", "--dreampose", "{demo}", "--out", "{tmp}/out"],
+    ["finetune-vae", "--dreampose", "{demo}", "--images", "{tmp}/none", "--out", "{tmp}/v.safetensors"],
+    ["eval", "--data", "{tmp}", "--dreampose", "{tmp}/none.safetensors", "--clip", "{tmp}/none", "--out",
+     "{tmp}/ev"],
+])
+def test_a_wrong_path_is_answered_before_the_sampling_stack_is_imported(argv, tmp_path):
+    """The path checks run before diffusers/transformers are imported, so a typo costs about PyTorch's
+    import time, not the whole stack's."""
+    from dreampose.demo.config import DEMO_FILE
+
+    args = [a.format(tmp=tmp_path, demo=DEMO_FILE) for a in argv]
+    probe = ("import sys\nfrom dreampose.cli import main as cli\nrc = cli.main(sys.argv[1:])\n"
+             "print('rc', rc, 'heavy', sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root}, cwd=root)
+    assert "not found" in done.stderr, done.stderr
+    assert done.stdout.strip() == "rc 2 heavy []", (done.stdout, done.stderr)

@@ -221,14 +221,17 @@ def check_weight_paths(args) -> None:
 def check_job(args):
     """Everything one animation is given besides the weights, checked and read: its options, key frame, UV
     of the whole sequence and the number of frames it renders; ``args.init_latents_tensor`` is set."""
-    from ..loaders.subject_file import read_subject_header
     from ..pipeline.poses import load_uv_folder
 
     options = check_run_options(args, DEFAULT_SAMPLING)
     check_paths(image=args.image, poses=args.poses, init_latents=args.init_latents)
     for path in args.subject or ():
         check_paths(subject=path)
-        read_subject_header(path)          # a subject file, by its header (cheap)
+    if args.subject:
+        from ..loaders.subject_file import read_subject_header   # imports diffusers: only when there are some
+
+        for path in args.subject:
+            read_subject_header(path)          # a subject file, by its header (cheap)
     image = load_image(args.image)
     uv = load_uv_folder(args.poses, args.first_frame, args.max_frames)
     count = uv.shape[0]
@@ -244,14 +247,16 @@ def check_job(args):
 
 
 def run(args) -> int:
+    # 1. everything the user gave, checked before a single weight is read (and before the sampling stack is
+    # imported: a typo is answered in about the time PyTorch takes to import)
+    check_weight_paths(args)
+    options, image, uv, count = check_job(args)
+
     from ..files.atomic import output_set
     from ..models.devices import resolve_device, resolve_dtype
     from ..pipeline.processes import launched_processes
     from ..pipeline.split import check_split, frame_blocks
 
-    # 1. everything the user gave, checked before a single weight is read
-    check_weight_paths(args)
-    options, image, uv, count = check_job(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if launched_processes() > 1:

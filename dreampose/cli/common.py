@@ -290,7 +290,7 @@ def job_record(args) -> dict:
 def check_weights_given(args) -> None:
     """The weight flags name a model: ``--dreampose`` or ``--base``, and CLIP unless the DreamPose file
     carries it. The authors' release folder as ``--dreampose`` means its newest ``unet_epoch_N.pth``."""
-    from ..loaders.load import bundle_has_clip, newest_authors_unet
+    from ..files.weights import bundle_has_clip, newest_authors_unet
 
     if args.dreampose and os.path.isdir(args.dreampose):
         args.dreampose = newest_authors_unet(args.dreampose)

@@ -74,16 +74,18 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evaluation import evaluate as E
-    from ..files.atomic import output_set
-    from ..evaluation.metrics import load_feature_nets
-    from ..models.devices import resolve_device, resolve_dtype
-
-    # 1. everything the user gave, checked before any model weights are read
+    # 1. everything the user gave, checked before any model weights are read (a wrong path before the
+    # evaluation stack is imported)
     inputs = [(f"--{n}", getattr(args, n, None)) for n in ("clip", "base", "vae", "dreampose")]
     inputs += [("--data", d) for d in (args.data if isinstance(args.data, list) else [args.data])]
     check_run_folder(args, OUTPUTS, inputs, record="metrics.json")
     check_paths(clip=args.clip, base=args.base, vae=args.vae)
+
+    from ..evaluation import evaluate as E
+    from ..evaluation.metrics import load_feature_nets
+    from ..files.atomic import output_set
+    from ..models.devices import resolve_device, resolve_dtype
+
     settings = options_from_args(args, EvalSettings()).check()   # all of it, before any model loads
     if args.ablation:
         variants = E.ablation_variants(E.parse_ablation(args.ablation), settings)

@@ -72,7 +72,6 @@ def run(args) -> int:
     from ..files.weights import holds_finetune
     from ..models.devices import resolve_device
     from ..pipeline.poses import list_uv_files, load_uv_file
-    from ..training.finetune import finetune_to_file
 
     kind = args.kind
     # 1. inputs and settings, checked before any weights are read
@@ -99,6 +98,8 @@ def run(args) -> int:
         f"{settings.width}x{settings.height} (WxH), {settings.steps} steps, lr {settings.lr:g}, "
         f"{'LoRA rank ' + str(settings.lora_rank) if settings.lora_rank else 'full'}, {settings.precision}, "
         f"seed {settings.seed}, on {device}")
+
+    from ..training.finetune import finetune_to_file   # the training stack, once the inputs are known good
 
     # 2. weights: trained copies go to the device; the frozen VAE/CLIP work there, the base UNet stays on the CPU
     err("loading weights …")

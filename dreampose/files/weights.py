@@ -36,6 +36,7 @@ FORMAT_NAME = "dreampose"
 FORMAT_VERSION = "1"
 
 CLIP_PREFIXES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+AUTHORS_UNET = re.compile(r"^unet_epoch_(\d+)\.pth?$")   # the authors' release: unet_epoch_N.pth
 _OLD_VAE_ATTENTION = re.compile(r"^(.*\.attentions\.\d+\.)(query|key|value|proj_attn)\.(weight|bias)$")
 _NEW_NAME = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -348,3 +349,31 @@ def metadata_json(meta: dict[str, str], key: str, source: str, default=None):
         return json.loads(meta[key])
     except ValueError as exc:
         raise DreamPoseError(f"{source}: damaged metadata field {key!r} ({exc})") from exc
+
+
+# ------------------------------------------------------------------------------------- which file is which
+# (here, not in the loaders, so the command line answers a wrong path before diffusers is imported)
+
+def bundle_has_clip(path: str | None) -> bool:
+    """Whether a DreamPose file carries its own CLIP vision tower (then no separate CLIP is needed).
+
+    Reads the safetensors header only: ``True`` when its metadata holds ``clip_config``. ``None``, a folder, a
+    missing file and any file that is not ``.safetensors`` give ``False``.
+    """
+    if not path or os.path.isdir(path) or not is_safetensors(path) or not os.path.isfile(path):
+        return False
+    return "clip_config" in read_metadata(path)
+
+
+def newest_authors_unet(folder: str) -> str:
+    """The authors' release folder → its newest ``unet_epoch_N.pth`` (largest N).
+
+    Raises:
+        DreamPoseError: the folder holds no ``unet_epoch_N.pth``.
+    """
+    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := AUTHORS_UNET.match(name))
+             and os.path.isfile(os.path.join(folder, name))]
+    if not found:
+        raise DreamPoseError(f"{folder}: is a folder without the authors' unet_epoch_N.pth; give the DreamPose "
+                             "weights file (our .safetensors, or unet_epoch_N.pth)")
+    return os.path.join(folder, max(found)[1])

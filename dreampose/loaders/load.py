@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -19,8 +18,8 @@ from ..configs import clean_config, default_scheduler_config, shipped_config
 from ..errors import DreamPoseError
 from ..files.paths import read_json_config as read_config
 from ..files.paths import require_path
-from ..files.weights import (guess_kind, is_ours, is_safetensors, metadata_json, peek_keys, read_metadata,
-                             read_state_dict, split_prefix)
+from ..files.weights import (AUTHORS_UNET, bundle_has_clip, guess_kind, is_ours, is_safetensors, metadata_json,
+                             newest_authors_unet, peek_keys, read_metadata, read_state_dict, split_prefix)
 from ..models.bundle import DreamPoseModel, fresh_adapter, save_bundle
 from ..models.unet import expand_conv_in, unet_config_with_pose
 from ..settings import check_convention
@@ -28,19 +27,7 @@ from .components import (check_config_counts, clip_from_state, instantiate, load
                          load_authors_unet, load_base_unet, load_clip_vision, load_vae, looks_like)
 from .subject_file import apply_subject, is_delta_file, read_subject_header
 
-_AUTHORS_UNET = re.compile(r"^unet_epoch_(\d+)\.pth?$")
 log = logging.getLogger(__name__)
-
-
-def bundle_has_clip(path: str | None) -> bool:
-    """Whether a DreamPose file carries its own CLIP vision tower (then no separate CLIP is needed).
-
-    Reads the safetensors header only: ``True`` when its metadata holds ``clip_config``. ``None``, a folder, a
-    missing file and any file that is not ``.safetensors`` give ``False``.
-    """
-    if not path or os.path.isdir(path) or not is_safetensors(path) or not os.path.isfile(path):
-        return False
-    return "clip_config" in read_metadata(path)
 
 
 def load_bundle_clip(path: str) -> CLIPVisionModel:
@@ -59,22 +46,8 @@ def load_bundle_clip(path: str) -> CLIPVisionModel:
     return clip_from_state(split_prefix(read_state_dict(path), "clip."), cfg, path)
 
 
-def newest_authors_unet(folder: str) -> str:
-    """The authors' release folder → its newest ``unet_epoch_N.pth`` (largest N).
-
-    Raises:
-        DreamPoseError: the folder holds no ``unet_epoch_N.pth``.
-    """
-    found = [(int(m.group(1)), name) for name in os.listdir(folder) if (m := _AUTHORS_UNET.match(name))
-             and os.path.isfile(os.path.join(folder, name))]
-    if not found:
-        raise DreamPoseError(f"{folder}: is a folder without the authors' unet_epoch_N.pth; give the DreamPose "
-                             "weights file (our .safetensors, or unet_epoch_N.pth)")
-    return os.path.join(folder, max(found)[1])
-
-
 def _authors_epoch(unet_path: str) -> str | None:
-    m = _AUTHORS_UNET.match(os.path.basename(unet_path))
+    m = AUTHORS_UNET.match(os.path.basename(unet_path))
     return m.group(1) if m else None
 
 

@@ -56,8 +56,8 @@ from ..errors import DreamPoseError
 from ..files.atomic import as_os_error, write_json_atomic, write_text_atomic
 from ..files.destinations import check_writable, incomplete_write, write_error
 from ..files.paths import missing_flags
-from ..files.weights import is_ours, read_metadata
-from ..loaders.load import bundle_has_clip, load_dreampose
+from ..files.weights import bundle_has_clip, is_ours, read_metadata
+from ..loaders.load import load_dreampose
 from ..models.adapter import hold_vae_tokens_at_zero
 from ..models.bundle import save_bundle
 from ..models.fingerprint import weights_digest
