@@ -10,10 +10,10 @@ import torch
 
 from dreampose.demo import build
 from dreampose.demo import model as dm
-from dreampose.files.weights import read_metadata
+from dreampose.files.weights import read_metadata, read_state_dict
 from dreampose.pipeline.conditioning import VAE_SCALE
 from dreampose.errors import DreamPoseError
-from dreampose.loaders.load import bundle_has_clip, load_dreampose, save_bundle
+from dreampose.loaders.load import bundle_has_clip, load_dreampose, load_dreampose_file, save_bundle
 from dreampose.demo.tiny import tiny_dreampose, tiny_vae
 from dreampose.data.world import body_mask, random_outfit, silhouette, world_seeds
 
@@ -82,6 +82,46 @@ def test_autoencoder_pretraining_learns_to_reconstruct():
 def test_pretraining_refuses_float_frames():
     with pytest.raises(DreamPoseError, match="uint8"):
         build.pretrain_autoencoder(tiny_vae(), torch.rand(2, 3, 64, 64), steps=1)
+
+
+def test_border_noise_touches_only_the_outer_latent_rows_and_columns():
+    z = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(0))
+    out = build.perturb_border(z, 2, 3.0, torch.Generator().manual_seed(1))
+    inner = torch.zeros(8, 6, dtype=torch.bool)
+    inner[2:-2, 2:-2] = True
+    assert torch.equal(out[..., inner], z[..., inner])
+    changed = (out - z).abs() > 0
+    assert changed[..., ~inner].all()
+    assert ((out - z)[..., ~inner].std() * VAE_SCALE).item() == pytest.approx(3.0, rel=0.2)   # SD-scaled units
+    assert torch.equal(build.border_mask(8, 6, 2), ~inner)
+    assert build.perturb_border(z, 0, 3.0, torch.Generator()) is z
+    assert build.perturb_border(z, 2, 0.0, torch.Generator()) is z
+
+
+def test_decoder_phase_trains_the_decoder_only_and_keeps_the_rest_of_the_bundle(tmp_path, monkeypatch):
+    model = tiny_dreampose()
+    bundle = model.save(str(tmp_path / "trained.safetensors"), include_vae=True, subject="stage 1")
+    frames = torch.zeros(4, 3, 64, 48, dtype=torch.uint8)
+    frames[:, 1, 16:48, 8:40] = 200
+    monkeypatch.setattr(build, "_load_frames", lambda data, h, w, limit: frames)
+    out = str(tmp_path / "decoder.safetensors")
+    calls = []
+    record = build.decoder_phase(bundle, ["unused"], out, steps=3, batch=2, lr=1e-3, border=1, border_noise=2.0,
+                                 progress=lambda step, total, loss: calls.append(step))
+    assert calls == [1, 2, 3] and record["steps"] == 3 and record["border_noise"] == 2.0 and record["frames"] == 4
+    before, after = load_dreampose_file(bundle)[2].state_dict(), load_dreampose_file(out)[2].state_dict()
+    for k in before:
+        if k.startswith(("decoder.", "post_quant_conv.")):
+            continue
+        assert torch.equal(before[k], after[k]), k                   # encoder and quant_conv bit-identical
+    assert not torch.equal(before["decoder.conv_out.weight"], after["decoder.conv_out.weight"])
+    assert not torch.equal(before["post_quant_conv.weight"], after["post_quant_conv.weight"])
+    old, new = read_state_dict(bundle), read_state_dict(out)
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith(("vae.decoder.", "vae.post_quant_conv.")))
+    meta = read_metadata(out)
+    assert json.loads(meta.pop("decoder_pretraining"))["border"] == 1
+    assert meta == read_metadata(bundle)
 
 
 # ------------------------------------------------------------------------------------ demo scene

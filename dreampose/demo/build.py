@@ -1,5 +1,5 @@
 """Building the shipped demo DreamPose: the two steps of ``scripts/train_demo_model.sh`` that are not
-``python -m dreampose train``.
+``python -m dreampose train``, and a candidate third (``decoder``).
 
 Real DreamPose starts from Stable Diffusion 1.x and CLIP ViT-B/32, which cannot ship in a package.
 The demo therefore builds its own miniature "SD": the same UNet/VAE/CLIP classes at a fraction of
@@ -7,7 +7,10 @@ the width, with an autoencoder pretrained on synthetic-world frames (SD's VAE is
 and a random, frozen CLIP tower (``base``). Stage 1 is then the real ``python -m dreampose train`` on
 synthetic videos, and ``package`` writes the result as one fp16 file with the recipe in its metadata.
 The script calls them as ``python -m dreampose.demo_model base|package`` (that entry name is part of
-the recipe stored in the shipped file).
+the recipe stored in the shipped file). ``decoder`` (:func:`pretrain_decoder`: the trained bundle's VAE
+decoder pretrained once more on whole frames, border latents noised) is a candidate step between
+``train`` and ``package``, not in the recipe yet: it removes the edge band of the demo but does not yet
+reach the demo's pose-IoU target (docs/benchmarks.md, "Demo timing").
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from ..configs import default_scheduler_config
 from ..data.dataset import find_videos, load_frame
 from ..errors import DreamPoseError
+from ..files.atomic import atomic_save_safetensors
+from ..files.weights import read_metadata, read_state_dict
 from ..loaders.components import load_vae
-from ..loaders.load import load_dreampose
+from ..loaders.load import load_dreampose, load_dreampose_file
 from ..models.bundle import save_bundle
 from ..pipeline.images import resize_u8
 from ..settings import DEMO_HEIGHT, DEMO_WIDTH, VAE_SCALE
@@ -80,6 +85,23 @@ def _random_crops(frames: torch.Tensor, idx: torch.Tensor, crop: int, g: torch.G
     return torch.stack(out)
 
 
+def _warmup_cosine(opt, steps: int):
+    """A linear warmup over a tenth of the steps (at most 100), then a cosine decay to zero."""
+    warmup = max(1, min(100, steps // 10))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
+def _optimizer_step(opt, sched, loss: torch.Tensor, params: list) -> float:
+    """Backward, clip the gradient norm to 1, step the optimizer and the schedule; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def pretrain_autoencoder(vae, frames: torch.Tensor, *, steps: int, batch: int = 16, crop: int = 64, lr: float = 1e-3,
                          kl_weight: float = 1e-6, seed: int = 0, progress=None) -> list[float]:
     """Train the whole VAE as an autoencoder on random ``crop``² crops of ``frames`` ``[N,3,H,W]`` uint8
@@ -90,9 +112,7 @@ def pretrain_autoencoder(vae, frames: torch.Tensor, *, steps: int, batch: int = 
     g = torch.Generator().manual_seed(seed)
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, min(100, steps // 10))   # then a cosine decay to zero
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = _warmup_cosine(opt, steps)
     losses = []
     with torch.enable_grad():
         for step in range(steps):
@@ -104,12 +124,7 @@ def pretrain_autoencoder(vae, frames: torch.Tensor, *, steps: int, batch: int = 
             z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
             recon = vae.decode(z).sample
             loss = F.l1_loss(recon, x) + kl_weight * _kl(dist.mean, dist.logvar)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(_optimizer_step(opt, sched, loss, list(vae.parameters())))
             if progress is not None:
                 progress(step + 1, steps, losses[-1])
     vae.eval().requires_grad_(False)
@@ -174,6 +189,91 @@ def build_base(data: list[str], out: str, *, vae_steps: int, seed: int = 0, heig
     return info
 
 
+# ------------------------------------------------------------------------------------------ decoder phase
+
+def border_mask(height: int, width: int, border: int) -> torch.Tensor:
+    """``[height,width]`` bool: the outer ``border`` rows and columns of a latent."""
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    if border > 0:
+        mask[:border] = mask[-border:] = True
+        mask[:, :border] = mask[:, -border:] = True
+    return mask
+
+
+def perturb_border(z: torch.Tensor, border: int, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """``z`` ``[B,C,h,w]`` (raw VAE latents) with Gaussian noise of ``sigma`` SD-scaled units (``sigma /
+    VAE_SCALE`` raw) added to its outer ``border`` rows and columns only; the interior is returned unchanged."""
+    if border <= 0 or sigma <= 0:
+        return z
+    noise = torch.randn(z.shape, generator=g) * (sigma / VAE_SCALE)
+    return torch.where(border_mask(*z.shape[-2:], border).to(z.device), z + noise.to(z), z)
+
+
+def pretrain_decoder(vae, frames: torch.Tensor, *, steps: int = 300, batch: int = 8, lr: float = 2e-4,
+                     border: int = 2, border_noise: float = 1.5, seed: int = 0, progress=None) -> list[float]:
+    """Train the VAE's ``post_quant_conv`` + decoder alone on whole ``frames`` ``[N,3,H,W]`` uint8 (L1, random
+    horizontal flips, warmup + cosine), with noise on the border latents; encoder and ``quant_conv`` stay
+    bit-identical, so the latent space, and a UNet trained in it, stay valid.
+
+    Why: the autoencoder was pretrained on 64² crops and rarely saw a true frame border; its border latents
+    depend on the whole picture, and a decoder that reads them closely learns, in the subject finetune on one
+    key frame, that photo's border values and paints a band along the edge of every other pose (docs/
+    benchmarks.md, "Demo timing"). Whole frames show it the real borders; Gaussian noise of ``border_noise``
+    (in SD-scaled latent units, whose std is about 1) on the outer ``border`` latent rows and columns teaches
+    it not to trust them."""
+    if frames.dtype != torch.uint8 or frames.ndim != 4:
+        raise DreamPoseError("pretrain_decoder takes [N,3,H,W] uint8 frames")
+    g = torch.Generator().manual_seed(seed)
+    vae.eval().requires_grad_(False)
+    trained = [vae.post_quant_conv, vae.decoder]
+    params = [p for m in trained for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = _warmup_cosine(opt, steps)
+    losses = []
+    for m in trained:
+        m.train().requires_grad_(True)
+    with torch.enable_grad():
+        for step in range(steps):
+            idx = torch.randint(0, frames.shape[0], (batch,), generator=g)
+            x = frames[idx].float() / 127.5 - 1
+            flip = torch.rand(batch, generator=g) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            with torch.no_grad():
+                dist = vae.encode(x).latent_dist
+                z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+                z = perturb_border(z, border, border_noise, g)
+            loss = F.l1_loss(vae.decode(z).sample, x)
+            losses.append(_optimizer_step(opt, sched, loss, params))
+            if progress is not None:
+                progress(step + 1, steps, losses[-1])
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+def decoder_phase(bundle: str, data: list[str], out: str, *, height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH,
+                  max_frames: int = 2048, progress=None, **options) -> dict:
+    """:func:`pretrain_decoder` on a trained bundle's VAE; writes ``out`` (atomically): the bundle's tensors
+    and metadata unchanged but ``vae.post_quant_conv.*`` and ``vae.decoder.*`` (in the bundle's dtype), plus a
+    ``decoder_pretraining`` metadata record. Returns that record."""
+    vae = load_dreampose_file(bundle, dtype=torch.float32)[2]
+    if vae is None:
+        raise DreamPoseError(f"{bundle}: no VAE in this bundle (train it with --include-vae)")
+    frames = _load_frames(data, height, width, max_frames)
+    t0 = time.perf_counter()
+    losses = pretrain_decoder(vae, frames, progress=progress, **options)
+    tensors = read_state_dict(bundle)
+    new = {f"vae.{k}": v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    missing = sorted(set(new) - set(tensors))
+    if missing:
+        raise DreamPoseError(f"{bundle}: its VAE lacks {missing[0]}")
+    tensors.update({k: v.to(tensors[k].dtype) for k, v in new.items()})
+    record = {"frames": int(frames.shape[0]), **options, "loss_first": losses[0],
+              "loss_last": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1)}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_save_safetensors(tensors, out, {**read_metadata(bundle), "decoder_pretraining": json.dumps(record)})
+    return record
+
+
 def package(trained: str, clip: str, out: str = DEMO_FILE, **meta) -> str:
     """One self-contained fp16 file: the trained bundle's UNet + adapter + VAE, plus the CLIP tower."""
     model = load_dreampose(clip=clip, dreampose=trained)
@@ -181,6 +281,14 @@ def package(trained: str, clip: str, out: str = DEMO_FILE, **meta) -> str:
     return save_bundle(out, model.unet, model.adapter, model.vae, clip=model.clip, dtype=torch.float16,
                        convention=model.convention, scheduler_config=model.scheduler_config,
                        demo_height=DEMO_HEIGHT, demo_width=DEMO_WIDTH, **meta)
+
+
+def _step_printer(label: str):
+    """A progress callback that prints every 50th step's loss (and the last) to stderr."""
+    def progress(step, total, loss):
+        if step % 50 == 0 or step == total:
+            print(f"{label} step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+    return progress
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--init-vae", help="continue pretraining this VAE folder (e.g. an earlier --out's sd/vae)")
+    d = sub.add_parser("decoder", help="pretrain a trained bundle's VAE decoder on whole frames, border latents "
+                                       "noised (encoder frozen): the band cure, see pretrain_decoder")
+    d.add_argument("--bundle", required=True, help="the bundle `python -m dreampose train --include-vae` wrote")
+    d.add_argument("--data", action="append", required=True)
+    d.add_argument("--out", required=True, help="the new bundle (.safetensors), for `package --trained`")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--batch", type=int, default=8)
+    d.add_argument("--lr", type=float, default=2e-4)
+    d.add_argument("--border", type=int, default=2, help="latent rows/columns on each side that get noise")
+    d.add_argument("--border-noise", type=float, default=1.5, help="its std, in SD-scaled latent units")
+    d.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("package", help="trained bundle + CLIP → one fp16 file")
     p.add_argument("--trained", required=True)
     p.add_argument("--clip", required=True)
@@ -200,11 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command-file", help="a text file with the exact commands that trained it (goes in the metadata)")
     args = parser.parse_args(argv)
     if args.step == "base":
-        def progress(step, total, loss):
-            if step % 50 == 0 or step == total:
-                print(f"autoencoder step {step}/{total} loss {loss:.4f}", file=sys.stderr, flush=True)
+        progress = _step_printer("autoencoder")
         print(json.dumps(build_base(args.data, args.out, vae_steps=args.vae_steps, seed=args.seed, lr=args.lr,
                                     init_vae=args.init_vae, progress=progress), indent=1))
+    elif args.step == "decoder":
+        progress = _step_printer("decoder")
+        print(json.dumps(decoder_phase(args.bundle, args.data, args.out, steps=args.steps, batch=args.batch,
+                                       lr=args.lr, border=args.border, border_noise=args.border_noise,
+                                       seed=args.seed, progress=progress), indent=1))
     else:
         meta = {}
         if args.command_file:
