@@ -179,13 +179,21 @@ def test_animate_under_a_file_size_limit_exits_non_zero_and_leaves_nothing(tmp_p
     assert sorted(os.listdir(out)) == []      # no frame, no video, no run record, no temporary file
 
 
+def default_sigint() -> None:
+    """In the child, before exec: Ctrl-C as in a terminal. A test run started in the background (``cmd &``
+    without job control) ignores SIGINT, children inherit that, and Python then installs no KeyboardInterrupt
+    handler: the Ctrl-C tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_sampling_exits_130_and_writes_nothing(tmp_path, tiny_dreampose_file, tiny_clip_folder,
                                                               inputs):
     out = tmp_path / "out"
     args = [a for a in map(str, animate_args(tiny_dreampose_file, tiny_clip_folder, inputs, out, "--steps", 400))
             if a != "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "dreampose", *args], cwd=REPO, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": REPO}, text=True)
+                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": REPO}, text=True,
+                            preexec_fn=default_sigint)
     seen = ""
     try:
         while "sampling" not in seen:      # the sampling bar has started
@@ -232,7 +240,8 @@ except KeyboardInterrupt:
 def test_ctrl_c_while_a_set_is_flushed_or_renamed_leaves_all_or_nothing(tmp_path, phase, at):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", CTRL_C_MID_WRITE, str(out), phase, str(at)], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120)
+                          env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=120,
+                          preexec_fn=default_sigint)
     assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", proc.stderr[-2000:]
     names = sorted(os.listdir(out))
     assert not [n for n in names if n.startswith(".tmp-")], names      # no temporary file left behind
