@@ -750,6 +750,7 @@ def test_synth_keeps_its_own_videos_and_refuses_another_runs(tmp_path, capsys):
     ["finetune-vae", "--dreampose", "{demo}", "--images", "{tmp}/none", "--out", "{tmp}/v.safetensors"],
     ["eval", "--data", "{tmp}", "--dreampose", "{tmp}/none.safetensors", "--clip", "{tmp}/none", "--out",
      "{tmp}/ev"],
+    ["train", "--data", "{tmp}", "--base", "{tmp}/none", "--clip", "{tmp}/none", "--out", "{tmp}/run"],
 ])
 def test_a_wrong_path_is_answered_before_the_sampling_stack_is_imported(argv, tmp_path):
     """The path checks run before diffusers/transformers are imported, so a typo costs about PyTorch's

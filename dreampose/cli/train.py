@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..training.stage1 import check_config, train
+    from ..training.run_config import check_config
 
     given = {o.name: getattr(args, o.name) for o in options_of(TrainConfig) if o.flag}
     # not given: what `accelerate launch` was told (its config file or flag), else full precision
@@ -45,6 +45,8 @@ def run(args) -> int:
     if config.resume and config.resume != "latest" and not os.path.isdir(config.resume):
         raise DreamPoseError(f"--resume {config.resume}: not a folder; give 'latest' or a checkpoint folder "
                              f"({os.path.join(config.out, 'checkpoints', 'step_N')})")
+    from ..training.stage1 import train   # the training stack, once the options are known good
+
     bar = None
 
     def progress(record: dict, total: int) -> None:

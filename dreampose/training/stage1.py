@@ -55,16 +55,16 @@ from ..data.dataset import VideoFolder, find_videos, load_frame, load_pose, scre
 from ..errors import DreamPoseError
 from ..files.atomic import as_os_error, write_json_atomic, write_text_atomic
 from ..files.destinations import check_writable, incomplete_write, write_error
-from ..files.paths import missing_flags
-from ..files.weights import bundle_has_clip, is_ours, read_metadata
+from ..files.weights import is_ours, read_metadata
 from ..loaders.load import load_dreampose
 from ..models.adapter import hold_vae_tokens_at_zero
 from ..models.bundle import save_bundle
 from ..models.fingerprint import weights_digest
 from ..pipeline.poses import make_pose_windows, window_indices
 from ..settings import (COND_HEIGHT, COND_WIDTH, LATENT_CHANNELS, LATENT_SCALE, POSE_CHANNELS, VAE_SCALE,
-                        TrainConfig, check_output_size)
+                        TrainConfig)
 from ..pipeline.images import condition_frame
+from .run_config import check_config
 from .objective import (denoising_loss, dropout_flags, frozen_condition, latent_distribution,
                         noise_scheduler, noisy_and_target, null_condition, resize)
 
@@ -129,22 +129,6 @@ def grad_accumulation(batch_size: int, micro_batch: int, world_size: int) -> int
             f"process(es) = {per_step}: the effective batch must split evenly, e.g. --batch-size "
             f"{max(per_step, batch_size // per_step * per_step)} or another --micro-batch")
     return batch_size // per_step
-
-
-def check_config(config: TrainConfig) -> TrainConfig:
-    """Every option checked before any weights are read; one DreamPoseError listing every problem."""
-    c = config
-    problems = c.problems()
-    if not c.clip and not (c.init and os.path.isfile(c.init) and bundle_has_clip(c.init)):
-        problems.append("--clip is required: the CLIP ViT-B/32 vision model (a folder or a .safetensors file)")
-    if not c.base and not c.init:
-        problems.append("give --base (Stable Diffusion 1.x, to start a fresh DreamPose) or --init (a DreamPose "
-                        ".safetensors to continue from)")
-    problems += missing_flags(clip=c.clip, base=c.base, vae=c.vae, init=c.init)
-    if problems:
-        raise DreamPoseError("train: " + "; ".join(problems))
-    check_output_size(c.height, c.width)
-    return c
 
 
 def dataset_fingerprint(videos: list[VideoFolder]) -> str:
