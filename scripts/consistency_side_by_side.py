@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from dreampose.data.densepose import visualize  # noqa: E402
 from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
 from dreampose.errors import DreamPoseError  # noqa: E402
-from dreampose.evaluation.sweep import Finetune, SweepRow, run_sweep  # noqa: E402
+from dreampose.evaluation.sweep import Finetune, SweepRow, result_paths, run_sweep  # noqa: E402
 from dreampose.files.atomic import write_text_atomic  # noqa: E402
 from dreampose.pipeline.video import contact_sheet, save_image  # noqa: E402
 from dreampose.settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_SAMPLING,  # noqa: E402
@@ -69,12 +69,15 @@ def main(argv=None) -> int:
     p.add_argument("--uv-smoothing", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an earlier picture and its metrics")
     args = p.parse_args(argv)
-    metrics_path = os.path.splitext(args.out)[0] + ".json"
     if not args.out.lower().endswith(".png") or args.every < 1 or args.subject < 0:
         print("error: --out must name a .png; --every ≥ 1; --subject ≥ 0", file=sys.stderr)
         return 2
-    if not args.force and any(os.path.exists(x) for x in (args.out, metrics_path)):
-        print(f"error: {args.out} or {metrics_path} exists; pass --force to replace them", file=sys.stderr)
+    folder, picture = os.path.split(args.out)
+    try:      # the picture and its metrics, refused over an earlier run's unless --force
+        _, metrics_path = result_paths(folder or ".", (picture, os.path.splitext(picture)[0] + ".json"),
+                                       force=args.force)
+    except DreamPoseError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     base = DEMO_SAMPLING.replace(seed=args.seed)
     options = dict(reference_attention=args.reference_attention, cross_frame_attention=args.cross_frame_attention,
