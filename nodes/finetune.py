@@ -25,7 +25,7 @@ from ..dreampose.errors import DreamPoseError
 from ..dreampose.files.atomic import atomic_save_safetensors
 from ..dreampose.files.weights import format_metadata, holds_finetune, read_metadata
 from ..dreampose.models.lora import kohya_state, lora_delta_of
-from ..dreampose.settings import OPTIMIZERS, PRECISIONS, FinetuneSettings, finetune_defaults
+from ..dreampose.settings import DECODER_LOSSES, OPTIMIZERS, PRECISIONS, FinetuneSettings, finetune_defaults
 from ..dreampose.training.finetune import finetune_to_file
 from . import device as dev
 from . import folders, native
@@ -221,7 +221,17 @@ class _FinetuneNode(io.ComfyNode):
                                    tooltip="Training arithmetic: fp32 (safest), bf16 (Ampere or newer; less VRAM) or "
                                            "fp16 (mixed precision with loss scaling).")
         if cls.KIND != "subject":
-            return inputs + [precision]
+            return inputs + [
+                precision,
+                io.Combo.Input("decoder_loss", options=list(DECODER_LOSSES), default=d.decoder_loss, optional=True,
+                               tooltip="Reconstruction loss: mse (the authors') or l1, which paints less of a rim of "
+                                       "body colour around poses unlike the photos' (the demo uses l1)."),
+                io.Float.Input("decoder_blend", default=d.decoder_blend, min=0.01, max=1.0, step=0.05, round=0.01,
+                               optional=True,
+                               tooltip="Share of the finetune's weight change kept (decoder = base + blend × change). "
+                                       "1: all of it (the authors'); lower stays nearer the base decoder on new "
+                                       "poses at some cost in sharpness (the demo uses 0.6)."),
+            ]
         return inputs + [
             io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing,
                              tooltip="Recompute activations in the backward pass: much less VRAM, about 30% slower."),
@@ -364,6 +374,6 @@ class VAEDecoderFinetune(_FinetuneNode):
 
     @classmethod
     def execute(cls, model, images, name: str, steps: int, lr: float, seed: int, crop: bool, flip: bool,
-                precision: str) -> io.NodeOutput:
+                precision: str, decoder_loss: str = "mse", decoder_blend: float = 1.0) -> io.NodeOutput:
         return cls.run_finetune(model, images, name, steps=steps, lr=lr, seed=seed, crop=crop, flip=flip,
-                                precision=precision)
+                                precision=precision, decoder_loss=decoder_loss, decoder_blend=decoder_blend)

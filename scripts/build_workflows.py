@@ -127,7 +127,8 @@ def video_to_animation(oi: dict) -> Graph:
     prev_video = g.add("PreviewImage", (420, 260), size=[320, 300], title="Video poses")
     loader = g.add("LoadDreamPose", (800, 620), list(LOADER), models=[SD15, CLIP])
     sub = g.add("SubjectFinetune", (1180, 620), ["my_subject", 500, 1e-05, 0, True, False, False, "fp32", "adamw", 0])
-    vae = g.add("VAEDecoderFinetune", (1560, 620), ["my_subject_vae", 1500, 5e-05, 0, True, False, "fp32"])
+    vae = g.add("VAEDecoderFinetune", (1560, 620),
+                ["my_subject_vae", 1500, 5e-05, 0, True, False, "fp32", "mse", 1.0])
     enc = g.add("CLIPVAEAdapterEncode", (1940, 620), ["sample", 0, "fixed"])
     win = g.add("DensePoseWindow5", (1180, 40), [512, 640])
     samp = g.add("DualCFGSampler", (2320, 300), [8.0, 3.0, 100, "pndm", 0, "fixed", 4, "official", "none"])
@@ -226,7 +227,7 @@ def demo(oi: dict) -> Graph:
     model = g.add("DreamPoseDemoModel", (40, 40), ["auto", "auto"])
     person = g.add("DreamPoseSyntheticPerson", (40, 260), [0, "walk", 16, 128, 192])
     sub = g.add("SubjectFinetune", (420, 40), ["demo_subject", 100, 1e-4, 0, True, False, False, "fp32", "adamw", 0])
-    vae = g.add("VAEDecoderFinetune", (800, 40), ["demo_subject_vae", 100, 1e-4, 0, True, False, "fp32"])
+    vae = g.add("VAEDecoderFinetune", (800, 40), ["demo_subject_vae", 100, 1e-4, 0, True, False, "fp32", "l1", 0.6])
     enc = g.add("CLIPVAEAdapterEncode", (1180, 40), ["sample", 0, "fixed"])
     win = g.add("DensePoseWindow5", (1180, 300), [128, 192])
     samp = g.add("DualCFGSampler", (1560, 40), [3.0, 3.0, 20, "ddim", 0, "fixed", 8, "official", "none"])

@@ -139,6 +139,48 @@ def test_vae_decoder_finetune_learns_and_changes_the_decoder_only(base, photo):
     assert frozen and not diff & set(frozen)
 
 
+def test_decoder_blend_keeps_that_share_of_the_weight_change(base, photo):
+    """decoder_blend b: the decoder equals base + b·(the b = 1 run's decoder − base), the rest of the VAE frozen."""
+    full = ft.finetune_vae_decoder(base, photo, fast_vae(steps=3, decoder_loss="l1"))
+    half = ft.finetune_vae_decoder(base, photo, fast_vae(steps=3, decoder_loss="l1", decoder_blend=0.5))
+    start, trained, blended = snapshot(base.vae), snapshot(full.vae), snapshot(half.vae)
+    moved = changed(trained, start)
+    assert moved and all(k.startswith("decoder.") for k in moved)
+    for name in start:
+        expected = start[name] + 0.5 * (trained[name] - start[name])
+        torch.testing.assert_close(blended[name], expected, rtol=0, atol=1e-6)
+    assert half.info["vae_finetune"]["settings"]["decoder_blend"] == 0.5
+
+
+def test_decoder_l1_loss_is_the_mean_absolute_error_of_the_reconstruction(base):
+    """_vae_loss with "l1" and "mse": hand computed from the same seeded posterior sample and decode."""
+    vae = base.vae
+    x = torch.rand(1, 3, 64, 64) * 2.4 - 1.2          # out of −1..1 on purpose: both sides are clamped
+    got = {loss: float(ft._vae_loss(vae, x, torch.Generator().manual_seed(5), "cpu", "fp32", loss))
+           for loss in ("l1", "mse")}
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(5))
+        recon = vae.decode(dist.mean + dist.std * noise).sample.clamp(-1, 1)
+    err = recon - x.clamp(-1, 1)
+    assert got["l1"] == pytest.approx(float(err.abs().mean()), rel=1e-5)
+    assert got["mse"] == pytest.approx(float((err ** 2).mean()), rel=1e-5)
+    assert got["l1"] != pytest.approx(got["mse"])
+
+
+def test_decoder_loss_and_blend_are_checked_and_keyed_only_off_default():
+    for bad, match in (({"decoder_loss": "l2"}, r"decoder_loss must be one of \('mse', 'l1'\) \(got 'l2'\)"),
+                       ({"decoder_blend": 0}, r"decoder_blend must be a number in \(0, 1\] \(got 0;"),
+                       ({"decoder_blend": 1.5}, r"decoder_blend must be a number in \(0, 1\] \(got 1.5;"),
+                       ({"decoder_blend": True}, r"decoder_blend must be a number in \(0, 1\] \(got True;")):
+        with pytest.raises(DreamPoseError, match=match):
+            ft.check_settings(fast_vae(**bad), "vae")
+    default = fast_vae().cache_fields()
+    assert "decoder_loss" not in default and "decoder_blend" not in default     # keys saved before stay valid
+    assert fast_vae(decoder_loss="l1").cache_fields()["decoder_loss"] == "l1"
+    assert fast_vae(decoder_blend=0.6).cache_fields()["decoder_blend"] == 0.6
+
+
 # ----------------------------------------------------------------------------------------- augmentation
 
 def coordinate_pair(height=64, width=64):

@@ -33,7 +33,8 @@ WORKFLOW = ROOT / "workflows" / "dreampose_finetune_animate.json"
 INPUT_ORDER = {
     "SubjectFinetune": ["model", "images", "poses", "name", "steps", "lr", "seed", "crop", "flip",
                         "gradient_checkpointing", "precision", "optimizer", "lora_rank"],
-    "VAEDecoderFinetune": ["model", "images", "name", "steps", "lr", "seed", "crop", "flip", "precision"],
+    "VAEDecoderFinetune": ["model", "images", "name", "steps", "lr", "seed", "crop", "flip", "precision",
+                           "decoder_loss", "decoder_blend"],
 }
 OUTPUTS = {"SubjectFinetune": ["DREAMPOSE_MODEL"], "VAEDecoderFinetune": ["DREAMPOSE_MODEL", "VAE"]}
 # the authors' finetunes: what the shipped finetune workflow keeps
@@ -41,7 +42,7 @@ PAPER_VALUES = {
     "SubjectFinetune": {"name": "subject", "steps": 500, "lr": 1e-5, "seed": 0, "crop": True, "flip": False,
                         "gradient_checkpointing": False, "precision": "fp32", "optimizer": "adamw", "lora_rank": 0},
     "VAEDecoderFinetune": {"name": "subject_vae", "steps": 1500, "lr": 5e-5, "seed": 0, "crop": True, "flip": False,
-                           "precision": "fp32"},
+                           "precision": "fp32", "decoder_loss": "mse", "decoder_blend": 1.0},
 }
 # the nodes' defaults: the fast preset (LoRA rank 16, 100 + 100 steps at 1e-4)
 DEFAULTS = {
@@ -75,8 +76,12 @@ def env(tmp_path_factory) -> FinetuneEnv:
     return FinetuneEnv(tmp_path_factory.mktemp("finetune"))
 
 
+# the VAE finetune's appended (optional) inputs the main prompt sets; a prompt without them still validates
+VAE_OPTIONS = {"decoder_loss": "l1", "decoder_blend": 0.5}
+
+
 def finetune_prompt(name="alice", vae_name="alice_vae", subject_steps=SUBJECT_STEPS, uv_count=0,
-                    vae_seed=4) -> dict:
+                    vae_seed=4, vae_options=VAE_OPTIONS) -> dict:
     """Two photos → SubjectFinetune → VAEDecoderFinetune → encode → sample → SaveImage/SaveLatent."""
     return {
         "1": node("LoadDreamPose", dreampose_weights="tiny_dreampose.safetensors", base_model="none",
@@ -90,7 +95,8 @@ def finetune_prompt(name="alice", vae_name="alice_vae", subject_steps=SUBJECT_ST
                            steps=subject_steps, lr=1e-3, seed=3, crop=True, flip=True, gradient_checkpointing=False,
                            precision="fp32", optimizer="adamw", lora_rank=0),
         VAE_NODE: node("VAEDecoderFinetune", model=[SUBJECT_NODE, 0], images=["5", 0], name=vae_name,
-                       steps=VAE_STEPS, lr=1e-3, seed=vae_seed, crop=True, flip=False, precision="fp32"),
+                       steps=VAE_STEPS, lr=1e-3, seed=vae_seed, crop=True, flip=False, precision="fp32",
+                       **vae_options),
         "8": node("CLIPVAEAdapterEncode", model=[VAE_NODE, 0], image=["2", 0], conditioning_latent="mode", seed=0),
         "9": node("DreamPoseLoadUV", folder="dreampose_poses", start=0, count=0),
         "10": node("DensePoseWindow5", uv=["9", 0], width=SIZE, height=SIZE),
@@ -108,7 +114,7 @@ def loaded_subject_chain() -> dict:
                    clip_vision="tiny-clip", vae="from weights or base", dtype="fp32", vae_dtype="fp32",
                    convention="auto", subject="alice.safetensors"),
         "22": node("VAEDecoderFinetune", model=["21", 0], images=["5", 0], name="alice_vae", steps=VAE_STEPS,
-                   lr=1e-3, seed=4, crop=True, flip=False, precision="fp32"),
+                   lr=1e-3, seed=4, crop=True, flip=False, precision="fp32", **VAE_OPTIONS),
         "23": node("CLIPVAEAdapterEncode", model=["22", 0], image=["2", 0], conditioning_latent="mode", seed=0),
         "24": node("DualCFGSampler", model=["22", 0], cond=["23", 0], poses=["10", 0], s_image=3.0, s_pose=2.0,
                    steps=2, sampler="ddim", seed=5, frames_per_batch=4, start="noise", stretch="none"),
@@ -176,12 +182,15 @@ def test_schema(first_run):
     object_info_checks(oi, INPUT_ORDER, OUTPUTS)
     for node_id, defaults in DEFAULTS.items():
         assert oi[node_id]["category"] == "DreamPose/finetune"
-        spec = oi[node_id]["input"]["required"]
+        spec = {**oi[node_id]["input"]["required"], **oi[node_id]["input"].get("optional", {})}
         assert {k: spec[k][1].get("default") for k in defaults} == defaults, node_id
         assert spec["precision"][1]["options"] == ["fp32", "bf16", "fp16"]
         # no randomize-after-queue control on a training seed: it would retrain on every queue
         assert spec["seed"][1]["control_after_generate"] is False
     assert oi["SubjectFinetune"]["input"]["required"]["optimizer"][1]["options"] == ["adamw", "adamw8bit"]
+    vae_optional = oi["VAEDecoderFinetune"]["input"]["optional"]
+    assert vae_optional["decoder_loss"][1]["options"] == ["mse", "l1"]
+    assert (vae_optional["decoder_blend"][1]["min"], vae_optional["decoder_blend"][1]["max"]) == (0.01, 1.0)
     assert oi["SubjectFinetune"]["input"]["required"]["poses"][0] == "DREAMPOSE_POSE"
     assert oi["LoadDreamPose"]["input_order"]["required"][-1] == "subject"
     assert oi["LoadDreamPose"]["input"]["required"]["subject"][1]["options"] == ["none"]
@@ -218,7 +227,8 @@ def test_saved_files_and_metadata(env, first_run):
     assert (settings["steps"], settings["lr"], settings["seed"], settings["flip"]) == (SUBJECT_STEPS, 1e-3, 3, True)
     assert len(subject["cache_key"]) == 64
     assert vae["kind"] == "vae" and vae["finetuned"] == "vae_decoder"
-    assert json.loads(vae["settings"])["steps"] == VAE_STEPS
+    vae_settings = json.loads(vae["settings"])
+    assert vae_settings["steps"] == VAE_STEPS and {k: vae_settings[k] for k in VAE_OPTIONS} == VAE_OPTIONS
     assert all(k.startswith("vae.decoder.") for k in keys["alice_vae.safetensors"])
     assert {k.split(".")[0] for k in keys["alice.safetensors"]} == {"unet", "adapter"}
     # for core's loaders: the whole finetuned VAE in ldm keys in models/vae; a full subject finetune has no LoRA
@@ -310,7 +320,7 @@ def test_lora_finetune_then_name_of_the_other_kind_refused(env, second_run):
     that file is kept."""
     assert second_run.returncode == 0, log(second_run)
     before = {n: os.stat(env.subjects / n).st_mtime_ns for n in env.subject_files()}
-    prompt = finetune_prompt(name="alice_lora", vae_name="alice", vae_seed=9)
+    prompt = finetune_prompt(name="alice_lora", vae_name="alice", vae_seed=9, vae_options={})  # an older prompt
     prompt[SUBJECT_NODE]["inputs"]["lora_rank"] = 4
     proc = env.run("lora", prompt, "--progress-log", str(env.root / "lora.json"))
     assert proc.returncode == 1 and f"EXECUTION ERROR node {VAE_NODE} (VAEDecoderFinetune)" in proc.stderr, log(proc)

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from dreampose import settings as S
+from dreampose.errors import DreamPoseError
 from dreampose.cli import finetune as cli_finetune
 from dreampose.cli.common import add_options, options_from_args
 from dreampose.cli.main import build_parser
@@ -53,6 +54,18 @@ def test_finetune_flags_default_to_the_kinds_settings(command, kind):
     args = parse(command, "--images", "a.png", "--out", "o.safetensors", *extra, "--preset", "paper")
     assert cli_finetune.settings_of(args, kind) == S.finetune_defaults(kind, "paper")
     assert S.finetune_defaults("subject", "paper") == S.FinetuneSettings()
+
+
+def test_decoder_loss_and_blend_flags_reach_the_vae_settings_only():
+    args = parse("finetune-vae", "--images", "a.png", "--out", "o.safetensors", "--decoder-loss", "l1",
+                 "--decoder-blend", 0.6)
+    assert cli_finetune.settings_of(args, "vae") == dataclasses.replace(S.finetune_defaults("vae"),
+                                                                        decoder_loss="l1", decoder_blend=0.6)
+    with pytest.raises(DreamPoseError, match=r"decoder_blend must be a number in \(0, 1\] \(got 0.0;"):
+        cli_finetune.settings_of(parse("finetune-vae", "--images", "a.png", "--out", "o.safetensors",
+                                       "--decoder-blend", 0), "vae")
+    with pytest.raises(SystemExit):
+        parse("finetune-subject", "--images", "a.png", "--poses", "p", "--out", "o.safetensors", "--decoder-loss", "l1")
 
 
 def test_finetune_help_shows_each_kinds_defaults(capsys):

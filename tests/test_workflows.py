@@ -80,6 +80,16 @@ def test_the_issue_workflows_are_shipped():
             "dreampose_guidance_sweep.json", "dreampose_demo.json", "dreampose_native_sampling.json"} <= names
 
 
+def test_demo_workflow_finetunes_the_key_frame_as_the_demo_command_does():
+    """The demo graph's VAE decoder finetune: the demo's steps, lr, L1 loss and 0.6 blend (settings.py)."""
+    from dreampose.settings import DEMO_DECODER_BLEND, DEMO_DECODER_LOSS, DEMO_FINETUNE_LR, DEMO_VAE_FINETUNE_STEPS
+    (vae,) = [n for n in load(WORKFLOW_DIR / "dreampose_demo.json")["nodes"] if n["type"] == "VAEDecoderFinetune"]
+    # name, steps, lr, seed, crop, flip, precision, decoder_loss, decoder_blend
+    values = vae["widgets_values"]
+    assert values[1:3] == [DEMO_VAE_FINETUNE_STEPS, DEMO_FINETUNE_LR]
+    assert values[-2:] == [DEMO_DECODER_LOSS, DEMO_DECODER_BLEND] == ["l1", 0.6]
+
+
 def test_native_workflow_is_core_sampling_with_dreamposes_guidance():
     """DreamPose's parts feed core's sampling: a LoRA on the MODEL, DualCFGGuider with the paper's scales
     in the right slots (cfg_conds = s_pose 3, cfg_cond2_negative = s_image 8, regular), core VAE Decode."""

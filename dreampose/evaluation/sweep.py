@@ -95,6 +95,8 @@ class Finetune:
     lr: float
     vae_lr: float
     lora_rank: int = 0            # 0: the full UNet + adapter finetune
+    decoder_loss: str = "mse"     # the decoder finetune's loss and kept share of its change (settings.py)
+    decoder_blend: float = 1.0
 
     def apply(self, model, scene: Scene, seed: int, height: int, width: int):
         image = scene.key_frame.float().unsqueeze(0) / 255
@@ -103,8 +105,9 @@ class Finetune:
                                      FinetuneSettings(steps=self.steps, lr=self.lr, seed=seed, height=height,
                                                       width=width, lora_rank=self.lora_rank))
         if self.vae_steps:
-            model = finetune_vae_decoder(model, image, vae_settings(steps=self.vae_steps, lr=self.vae_lr, seed=seed,
-                                                                    height=height, width=width))
+            settings = vae_settings(steps=self.vae_steps, lr=self.vae_lr, seed=seed, height=height, width=width,
+                                    decoder_loss=self.decoder_loss, decoder_blend=self.decoder_blend)
+            model = finetune_vae_decoder(model, image, settings)
         return model
 
 

@@ -482,8 +482,8 @@ def _vae_batch(targets: list[torch.Tensor], indices: list[int], settings: Finetu
     return _decoder_range(torch.stack(out), settings)
 
 
-def _vae_loss(vae, x: torch.Tensor, generator, device, precision: str) -> torch.Tensor:
-    """MSE of decode(sample of encode(x)) vs x, both clamped to −1..1 as the authors did."""
+def _vae_loss(vae, x: torch.Tensor, generator, device, precision: str, loss: str = "mse") -> torch.Tensor:
+    """MSE (the authors') or L1 of decode(sample of encode(x)) vs x, both clamped to −1..1 as the authors did."""
     x = x.to(device)
     with _autocast(device, precision):
         with torch.no_grad():   # encoder and quant_conv are frozen
@@ -491,7 +491,23 @@ def _vae_loss(vae, x: torch.Tensor, generator, device, precision: str) -> torch.
             mean, std = dist.mean.float(), dist.std.float()
         z = mean + std * randn(mean.shape, generator, device)
         recon = vae.decode(z).sample
-    return F.mse_loss(recon.float().clamp(-1, 1), x.float().clamp(-1, 1))
+    recon, x = recon.float().clamp(-1, 1), x.float().clamp(-1, 1)
+    return F.l1_loss(recon, x) if loss == "l1" else F.mse_loss(recon, x)
+
+
+def _blend_toward(decoder: torch.nn.Module, base: torch.nn.Module, keep: float) -> None:
+    """Set the trained ``decoder`` to base + keep·(trained − base), in place and in its (fp32) dtype.
+
+    Keeping only part of a one-photo finetune's change holds the decoder nearer the base on latents unlike the
+    photo's: the demo's rim of body colour around other poses fades (docs/benchmarks.md)."""
+    if keep == 1:
+        return
+    base_state = base.state_dict()
+    with torch.no_grad():
+        for name, value in decoder.state_dict().items():
+            if value.is_floating_point():
+                start = base_state[name].to(value.device, value.dtype)
+                value.copy_(start + keep * (value - start))
 
 
 def finetune_vae_decoder(model, images, settings: FinetuneSettings | None = None, *, device=None,
@@ -500,8 +516,9 @@ def finetune_vae_decoder(model, images, settings: FinetuneSettings | None = None
 
     The encoder, ``quant_conv`` and ``post_quant_conv`` stay frozen, as the authors'. Targets: the augmented
     photos in −1..1 (what decoding maps to 0..1, in both conventions: the convention only concerns the
-    conditioning path), or 0..1 with ``decoder_range="0_1"``. Draws per step: (a permutation when a pass
-    starts), each sample's augmentation, the latent sample.
+    conditioning path), or 0..1 with ``decoder_range="0_1"``; the loss is ``decoder_loss`` (MSE or L1), and
+    ``decoder_blend`` < 1 keeps only that share of the weight change at the end. Draws per step: (a
+    permutation when a pass starts), each sample's augmentation, the latent sample.
 
     Args:
         model: the :class:`~dreampose.models.bundle.DreamPoseModel` to start from (not changed).
@@ -532,9 +549,10 @@ def finetune_vae_decoder(model, images, settings: FinetuneSettings | None = None
 
         def step_loss():
             x = _vae_batch(targets, batches.take(settings.batch_size), settings, generator)
-            return _vae_loss(vae, x, generator, device, settings.precision)
+            return _vae_loss(vae, x, generator, device, settings.precision, settings.decoder_loss)
 
         _optimise(params, settings, device, step_loss, callback)
+        _blend_toward(vae.decoder, model.vae.decoder, settings.decoder_blend)
         if settings.gradient_checkpointing:
             vae.disable_gradient_checkpointing()
         vae = vae.eval().requires_grad_(False)
