@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The exact recipe of dreampose/assets/demo_dreampose.safetensors; packaging stores this file in its metadata.
 # From nothing: the synthetic world -> a miniature "SD 1.x + CLIP" (autoencoder pretrained on world frames, random
-# UNet and CLIP tower) -> stage 1 with `python -m dreampose train` -> one fp16 file with UNet, adapter, VAE and CLIP.
+# UNet and CLIP tower) -> stage 1 with `python -m dreampose train` -> one fp16 file with UNet, adapter, VAE and CLIP
+# -> its VAE decoder pretrained once more on whole frames (the shipped file; see dreampose/demo/build.py).
 # VARIANT=clip or VARIANT=onepose trains the paper's Table-2 ablations (CLIP-only, 1 pose) with the same budget.
 # Widths: dreampose/demo/build.py (DEMO_UNET, DEMO_VAE), every GroupNorm with 32 groups, so the model also runs
 # through ComfyUI's own UNet and VAE code (the nodes' native route), as real SD 1.x weights do.
@@ -29,5 +30,9 @@ esac
   --seed 0 --cache-conditioning --workers 0 --include-vae --save-every 500 --resume latest --quiet "${EXTRA[@]}"
 if [ "$VARIANT" = full ]; then
   "$PY" -m dreampose.demo_model package --trained "$WORK/train_full/dreampose.safetensors" --clip "$WORK/base/clip" \
-    --command-file scripts/train_demo_model.sh
+    --out "$WORK/stage1_demo.safetensors" --command-file scripts/train_demo_model.sh
+  # the decoder once more on whole frames, its border latents noised (encoder frozen): no band at the frames' edge
+  "$PY" -m dreampose.demo_model decoder --bundle "$WORK/stage1_demo.safetensors" --data "$WORK/world/train" \
+    --out dreampose/assets/demo_dreampose.safetensors --steps 300 --batch 8 --lr 2e-4 --border 2 --border-noise 1.5 \
+    --seed 0 --command-file scripts/train_demo_model.sh
 fi

@@ -107,7 +107,8 @@ def test_decoder_phase_trains_the_decoder_only_and_keeps_the_rest_of_the_bundle(
     out = str(tmp_path / "decoder.safetensors")
     calls = []
     record = build.decoder_phase(bundle, ["unused"], out, steps=3, batch=2, lr=1e-3, border=1, border_noise=2.0,
-                                 progress=lambda step, total, loss: calls.append(step))
+                                 progress=lambda step, total, loss: calls.append(step),
+                                 meta={"training_commands": "the recipe"})
     assert calls == [1, 2, 3] and record["steps"] == 3 and record["border_noise"] == 2.0 and record["frames"] == 4
     before, after = load_dreampose_file(bundle)[2].state_dict(), load_dreampose_file(out)[2].state_dict()
     for k in before:
@@ -121,6 +122,7 @@ def test_decoder_phase_trains_the_decoder_only_and_keeps_the_rest_of_the_bundle(
     assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith(("vae.decoder.", "vae.post_quant_conv.")))
     meta = read_metadata(out)
     assert json.loads(meta.pop("decoder_pretraining"))["border"] == 1
+    assert meta.pop("training_commands") == "the recipe" and "training_commands" not in read_metadata(bundle)
     assert meta == read_metadata(bundle)
 
 

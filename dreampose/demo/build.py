@@ -1,16 +1,16 @@
-"""Building the shipped demo DreamPose: the two steps of ``scripts/train_demo_model.sh`` that are not
-``python -m dreampose train``, and a candidate third (``decoder``).
+"""Building the shipped demo DreamPose: the three steps of ``scripts/train_demo_model.sh`` that are not
+``python -m dreampose train`` (``base``, ``package``, ``decoder``).
 
 Real DreamPose starts from Stable Diffusion 1.x and CLIP ViT-B/32, which cannot ship in a package.
 The demo therefore builds its own miniature "SD": the same UNet/VAE/CLIP classes at a fraction of
 the width, with an autoencoder pretrained on synthetic-world frames (SD's VAE is pretrained too)
 and a random, frozen CLIP tower (``base``). Stage 1 is then the real ``python -m dreampose train`` on
 synthetic videos, and ``package`` writes the result as one fp16 file with the recipe in its metadata.
-The script calls them as ``python -m dreampose.demo_model base|package`` (that entry name is part of
-the recipe stored in the shipped file). ``decoder`` (:func:`pretrain_decoder`: the trained bundle's VAE
-decoder pretrained once more on whole frames, border latents noised) is a candidate step between
-``train`` and ``package``, not in the recipe yet: it removes the edge band of the demo but does not yet
-reach the demo's pose-IoU target (docs/benchmarks.md, "Demo timing").
+The script calls them as ``python -m dreampose.demo_model base|package|decoder`` (that entry name is part of
+the recipe stored in the shipped file). ``decoder`` (:func:`pretrain_decoder`: the packaged bundle's VAE
+decoder pretrained once more on whole frames, border latents noised) is the recipe's last step: it cures
+the band along the frames' edge that a one-photo decoder finetune otherwise paints (docs/benchmarks.md,
+"Demo timing").
 """
 from __future__ import annotations
 
@@ -251,10 +251,11 @@ def pretrain_decoder(vae, frames: torch.Tensor, *, steps: int = 300, batch: int 
 
 
 def decoder_phase(bundle: str, data: list[str], out: str, *, height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH,
-                  max_frames: int = 2048, progress=None, **options) -> dict:
+                  max_frames: int = 2048, progress=None, meta: dict | None = None, **options) -> dict:
     """:func:`pretrain_decoder` on a trained bundle's VAE; writes ``out`` (atomically): the bundle's tensors
     and metadata unchanged but ``vae.post_quant_conv.*`` and ``vae.decoder.*`` (in the bundle's dtype), plus a
-    ``decoder_pretraining`` metadata record. Returns that record."""
+    ``decoder_pretraining`` metadata record and the entries of ``meta`` (e.g. ``training_commands``). Returns
+    that record."""
     vae = load_dreampose_file(bundle, dtype=torch.float32)[2]
     if vae is None:
         raise DreamPoseError(f"{bundle}: no VAE in this bundle (train it with --include-vae)")
@@ -270,7 +271,8 @@ def decoder_phase(bundle: str, data: list[str], out: str, *, height: int = DEMO_
     record = {"frames": int(frames.shape[0]), **options, "loss_first": losses[0],
               "loss_last": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.perf_counter() - t0, 1)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_save_safetensors(tensors, out, {**read_metadata(bundle), "decoder_pretraining": json.dumps(record)})
+    atomic_save_safetensors(tensors, out, {**read_metadata(bundle), **(meta or {}),
+                                           "decoder_pretraining": json.dumps(record)})
     return record
 
 
@@ -281,6 +283,14 @@ def package(trained: str, clip: str, out: str = DEMO_FILE, **meta) -> str:
     return save_bundle(out, model.unet, model.adapter, model.vae, clip=model.clip, dtype=torch.float16,
                        convention=model.convention, scheduler_config=model.scheduler_config,
                        demo_height=DEMO_HEIGHT, demo_width=DEMO_WIDTH, **meta)
+
+
+def _commands(path: str | None) -> dict:
+    """The ``training_commands`` metadata entry from ``--command-file`` (none without one)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        return {"training_commands": f.read()}
 
 
 def _step_printer(label: str):
@@ -312,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--border", type=int, default=2, help="latent rows/columns on each side that get noise")
     d.add_argument("--border-noise", type=float, default=1.5, help="its std, in SD-scaled latent units")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--command-file", help="a text file with the exact commands that trained it (replaces the "
+                                          "bundle's record of them)")
     p = sub.add_parser("package", help="trained bundle + CLIP → one fp16 file")
     p.add_argument("--trained", required=True)
     p.add_argument("--clip", required=True)
@@ -326,13 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         progress = _step_printer("decoder")
         print(json.dumps(decoder_phase(args.bundle, args.data, args.out, steps=args.steps, batch=args.batch,
                                        lr=args.lr, border=args.border, border_noise=args.border_noise,
-                                       seed=args.seed, progress=progress), indent=1))
+                                       seed=args.seed, progress=progress, meta=_commands(args.command_file)),
+                         indent=1))
     else:
-        meta = {}
-        if args.command_file:
-            with open(args.command_file) as f:
-                meta["training_commands"] = f.read()
-        print(package(args.trained, args.clip, args.out, **meta))
+        print(package(args.trained, args.clip, args.out, **_commands(args.command_file)))
     return 0
 
 

@@ -16,8 +16,9 @@ from ..data.world import neutral_pose, random_motion, random_outfit, render_vide
 from ..errors import DreamPoseError
 from ..evaluation.sweep import Scene
 from ..loaders.load import load_dreampose
-from ..settings import (DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS,
-                        DEMO_WIDTH, MOTIONS, FinetuneSettings, check_choice, vae_settings)
+from ..settings import (DEMO_DECODER_BLEND, DEMO_DECODER_LOSS, DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES,
+                        DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH, MOTIONS, FinetuneSettings, check_choice,
+                        vae_settings)
 from ..training.finetune import finetune_subject, finetune_vae_decoder
 from .config import DEMO_FILE, DEMO_WORLD_SEED
 
@@ -82,7 +83,8 @@ def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, 
         steps: optimizer steps of the UNet + adapter finetune; 0 skips it.
         vae_steps: optimizer steps of the VAE decoder finetune; 0 skips it.
         lr, seed, height, width: for both finetunes; their other settings are the defaults
-            (``FinetuneSettings()``, :func:`~dreampose.settings.vae_settings`).
+            (``FinetuneSettings()``, :func:`~dreampose.settings.vae_settings`) but the decoder's loss and
+            blend (``DEMO_DECODER_LOSS``, ``DEMO_DECODER_BLEND``: L1, 0.6 of the change kept).
         callback: ``callback(stage, step, total, loss)`` after every optimizer step, ``stage`` ``"subject"``
             then ``"vae"``.
 
@@ -95,7 +97,8 @@ def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, 
         model = finetune_subject(model, image, key_uv.unsqueeze(0), settings,
                                  callback=None if callback is None else lambda *a: callback("subject", *a))
     if vae_steps:
-        settings = vae_settings(steps=vae_steps, lr=lr, seed=seed, height=height, width=width)
+        settings = vae_settings(steps=vae_steps, lr=lr, seed=seed, height=height, width=width,
+                                decoder_loss=DEMO_DECODER_LOSS, decoder_blend=DEMO_DECODER_BLEND)
         model = finetune_vae_decoder(model, image, settings,
                                      callback=None if callback is None else lambda *a: callback("vae", *a))
     return model
