@@ -22,13 +22,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dreampose.data.densepose import visualize  # noqa: E402
-from dreampose.demo.model import demo_test_scenes, load_demo_model  # noqa: E402
+from dreampose.demo.model import DEMO_FINETUNE, demo_test_scenes, load_demo_model  # noqa: E402
 from dreampose.errors import DreamPoseError  # noqa: E402
-from dreampose.evaluation.sweep import Finetune, SweepRow, result_paths, run_sweep  # noqa: E402
+from dreampose.evaluation.sweep import SweepRow, result_paths, run_sweep  # noqa: E402
 from dreampose.files.atomic import write_text_atomic  # noqa: E402
 from dreampose.pipeline.video import contact_sheet, save_image  # noqa: E402
-from dreampose.settings import (DEMO_DECODER_BLEND, DEMO_DECODER_LOSS, DEMO_FINETUNE_LR,  # noqa: E402
-                                DEMO_FINETUNE_STEPS, DEMO_FRAMES, DEMO_SAMPLING, DEMO_VAE_FINETUNE_STEPS)
+from dreampose.settings import DEMO_FRAMES, DEMO_SAMPLING  # noqa: E402
 
 PAPER = "paper's method"
 LABEL_WIDTH = 150
@@ -92,11 +91,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     scene = demo_test_scenes(args.subject + 1, DEMO_FRAMES, base.height, base.width)[-1]
-    finetune = Finetune(DEMO_FINETUNE_STEPS, DEMO_VAE_FINETUNE_STEPS, DEMO_FINETUNE_LR, DEMO_FINETUNE_LR,
-                        decoder_loss=DEMO_DECODER_LOSS, decoder_blend=DEMO_DECODER_BLEND)
     model = load_demo_model().place(torch.device("cpu"), torch.float32)
     frames = {}
-    result = run_sweep(model, [scene], rows, [args.seed], base, finetune=finetune, frames_out=frames,
+    result = run_sweep(model, [scene], rows, [args.seed], base, finetune=DEMO_FINETUNE, frames_out=frames,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     shown = slice(None, None, args.every)
     h = scene.truth.shape[-2]

@@ -9,18 +9,21 @@ so it knows synthetic people only.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from ..data.world import neutral_pose, random_motion, random_outfit, render_video, world_seeds
 from ..errors import DreamPoseError
-from ..evaluation.sweep import Scene
+from ..evaluation.sweep import Finetune, Scene
 from ..loaders.load import load_dreampose
 from ..settings import (DEMO_DECODER_BLEND, DEMO_DECODER_LOSS, DEMO_FINETUNE_LR, DEMO_FINETUNE_STEPS, DEMO_FRAMES,
-                        DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH, MOTIONS, FinetuneSettings, check_choice,
-                        vae_settings)
-from ..training.finetune import finetune_subject, finetune_vae_decoder
+                        DEMO_HEIGHT, DEMO_VAE_FINETUNE_STEPS, DEMO_WIDTH, MOTIONS, check_choice)
 from .config import DEMO_FILE, DEMO_WORLD_SEED
+
+# The demo's subject finetune on its key frame (the command, the side-by-side script and the benchmarks' rows).
+DEMO_FINETUNE = Finetune(DEMO_FINETUNE_STEPS, DEMO_VAE_FINETUNE_STEPS, DEMO_FINETUNE_LR, DEMO_FINETUNE_LR,
+                         decoder_loss=DEMO_DECODER_LOSS, decoder_blend=DEMO_DECODER_BLEND)
 
 
 def load_demo_model(path: str = DEMO_FILE):
@@ -82,26 +85,17 @@ def finetune_on_key_frame(model, key_u8: torch.Tensor, key_uv: torch.Tensor, *, 
         key_uv: its DensePose UV ``[2,H,W]``.
         steps: optimizer steps of the UNet + adapter finetune; 0 skips it.
         vae_steps: optimizer steps of the VAE decoder finetune; 0 skips it.
-        lr, seed, height, width: for both finetunes; their other settings are the defaults
-            (``FinetuneSettings()``, :func:`~dreampose.settings.vae_settings`) but the decoder's loss and
-            blend (``DEMO_DECODER_LOSS``, ``DEMO_DECODER_BLEND``: L1, 0.6 of the change kept).
+        lr, seed, height, width: for both finetunes; their other settings are :data:`DEMO_FINETUNE`'s (the
+            defaults, ``FinetuneSettings()`` and :func:`~dreampose.settings.vae_settings`, but the decoder's
+            loss and blend: L1, 0.6 of the change kept).
         callback: ``callback(stage, step, total, loss)`` after every optimizer step, ``stage`` ``"subject"``
             then ``"vae"``.
 
     Returns:
         The finetuned model (``model`` itself when both step counts are 0).
     """
-    image = key_u8.float().unsqueeze(0) / 255
-    if steps:
-        settings = FinetuneSettings(steps=steps, lr=lr, seed=seed, height=height, width=width)
-        model = finetune_subject(model, image, key_uv.unsqueeze(0), settings,
-                                 callback=None if callback is None else lambda *a: callback("subject", *a))
-    if vae_steps:
-        settings = vae_settings(steps=vae_steps, lr=lr, seed=seed, height=height, width=width,
-                                decoder_loss=DEMO_DECODER_LOSS, decoder_blend=DEMO_DECODER_BLEND)
-        model = finetune_vae_decoder(model, image, settings,
-                                     callback=None if callback is None else lambda *a: callback("vae", *a))
-    return model
+    finetune = replace(DEMO_FINETUNE, steps=steps, vae_steps=vae_steps, lr=lr, vae_lr=lr)
+    return finetune.on_key_frame(model, key_u8, key_uv, seed, height, width, callback)
 
 
 def demo_test_scenes(count: int, frames: int = DEMO_FRAMES, height: int = DEMO_HEIGHT, width: int = DEMO_WIDTH):

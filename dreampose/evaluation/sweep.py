@@ -99,15 +99,24 @@ class Finetune:
     decoder_blend: float = 1.0
 
     def apply(self, model, scene: Scene, seed: int, height: int, width: int):
-        image = scene.key_frame.float().unsqueeze(0) / 255
+        return self.on_key_frame(model, scene.key_frame, scene.key_uv, seed, height, width)
+
+    def on_key_frame(self, model, key_u8: torch.Tensor, key_uv: torch.Tensor, seed: int, height: int, width: int,
+                     callback=None):
+        """Both finetunes on one key frame ``[3,H,W]`` uint8 with its UV ``[2,H,W]``; returns a new model
+        (``model`` itself when both step counts are 0). ``callback(stage, step, total, loss)`` after every
+        optimizer step, ``stage`` ``"subject"`` then ``"vae"``."""
+        image = key_u8.float().unsqueeze(0) / 255
         if self.steps:
-            model = finetune_subject(model, image, scene.key_uv.unsqueeze(0),
+            model = finetune_subject(model, image, key_uv.unsqueeze(0),
                                      FinetuneSettings(steps=self.steps, lr=self.lr, seed=seed, height=height,
-                                                      width=width, lora_rank=self.lora_rank))
+                                                      width=width, lora_rank=self.lora_rank),
+                                     callback=None if callback is None else lambda *a: callback("subject", *a))
         if self.vae_steps:
             settings = vae_settings(steps=self.vae_steps, lr=self.vae_lr, seed=seed, height=height, width=width,
                                     decoder_loss=self.decoder_loss, decoder_blend=self.decoder_blend)
-            model = finetune_vae_decoder(model, image, settings)
+            model = finetune_vae_decoder(model, image, settings,
+                                         callback=None if callback is None else lambda *a: callback("vae", *a))
         return model
 
 
